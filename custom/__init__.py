@@ -1,0 +1,1 @@
+"""UnCoL-MONAI: the Python code that the bundle's configs wire together."""

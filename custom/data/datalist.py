@@ -1,0 +1,125 @@
+"""Datalist loading with up-front validation, so a bad input stops a run before training starts.
+
+Every problem is reported as one :class:`DatalistError` whose message names the file and what is
+wrong with it. Configs call :func:`bundle_datalist`, which turns that error into a clean exit with
+the message alone instead of a traceback through MONAI's config machinery.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from monai.data import load_decathlon_datalist
+
+
+class DatalistError(ValueError):
+    """A datalist, or a file it names, that cannot be used; the message names the file and the problem."""
+
+
+def _read_array(path: str) -> np.ndarray:
+    """Read an image fully (a truncated file fails here, not later in a data loader worker)."""
+    if path.endswith((".nii", ".nii.gz")):
+        return np.asanyarray(nib.load(path).dataobj)
+    from monai.transforms import LoadImage
+
+    return np.asarray(LoadImage(image_only=True)(path))
+
+
+def _read_checked(path: str, role: str) -> np.ndarray:
+    try:
+        data = _read_array(path)
+    except Exception as err:  # any reader failure means the file is unusable
+        raise DatalistError(f"{path}: cannot read {role} ({type(err).__name__}: {err})") from err
+    if data.size == 0:
+        raise DatalistError(f"{path}: {role} is empty (shape {data.shape})")
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        raise DatalistError(f"{path}: {role} contains NaN or Inf values")
+    return data
+
+
+def check_pair(image: str, label: str | None, num_classes: int | None) -> None:
+    """Check that an image (and its label) can be read, have matching shapes and valid label values."""
+    img = _read_checked(image, "image")
+    if label is None:
+        return
+    lbl = _read_checked(label, "label")
+    if lbl.shape != img.shape[: lbl.ndim]:
+        raise DatalistError(f"{label}: label shape {lbl.shape} does not match image {image} shape {img.shape}")
+    if num_classes is not None:
+        values = np.unique(lbl)
+        bad = [v for v in values.tolist() if v != int(v) or not 0 <= v < num_classes]
+        if bad:
+            raise DatalistError(
+                f"{label}: label values {bad[:5]} are outside the declared classes 0..{num_classes - 1}"
+            )
+
+
+def load_datalist(
+    datalist: str | Path,
+    key: str,
+    base_dir: str | Path | None = None,
+    num_classes: int | None = None,
+    require_label: bool = True,
+    check_files: bool = True,
+) -> list[dict]:
+    """Load the ``key`` section of a Decathlon-style datalist, validated.
+
+    Args:
+        datalist: path of the JSON datalist.
+        key: section to load (``training``, ``unlabeled``, ``validation``, ``test``).
+        base_dir: folder that relative paths are resolved against; defaults to the datalist's folder.
+        num_classes: classes including background; label values must lie in ``0..num_classes-1``.
+        require_label: every entry must have a ``label``.
+        check_files: read every named file to check it (set False only for trusted, huge datasets).
+
+    Returns:
+        entries with absolute ``image`` (and ``label``) paths.
+    """
+    path = Path(datalist)
+    if not path.is_file():
+        raise DatalistError(f"{path}: datalist file does not exist")
+    try:
+        content = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatalistError(f"{path}: datalist is not valid JSON ({err})") from err
+    if not isinstance(content, dict):
+        raise DatalistError(f"{path}: datalist must be a JSON object with a '{key}' list")
+    entries = content.get(key)
+    if entries is None:
+        raise DatalistError(f"{path}: datalist has no '{key}' key (keys: {sorted(content)})")
+    if not isinstance(entries, list) or not entries:
+        raise DatalistError(f"{path}: '{key}' must be a non-empty list")
+    seen: set[str] = set()
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str):
+            entry = {"image": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+            raise DatalistError(f"{path}: entry {i} of '{key}' has no 'image' path: {entry!r}")
+        if require_label and not isinstance(entry.get("label"), str):
+            raise DatalistError(f"{path}: entry {i} of '{key}' ({entry['image']}) has no 'label' path")
+        if entry["image"] in seen:
+            raise DatalistError(f"{path}: '{key}' lists {entry['image']} more than once")
+        seen.add(entry["image"])
+
+    base = Path(base_dir) if base_dir is not None else path.parent
+    items = load_decathlon_datalist(str(path), is_segmentation=require_label, data_list_key=key, base_dir=str(base))
+    for item in items:
+        for role in ("image", "label"):
+            if role in item and not Path(item[role]).is_file():
+                raise DatalistError(f"{path}: '{key}' names {role} {item[role]}, which does not exist")
+    if check_files:
+        for item in items:
+            check_pair(item["image"], item.get("label") if require_label else None, num_classes)
+    return items
+
+
+def bundle_datalist(datalist: str | Path, key: str, **kwargs) -> list[dict]:
+    """:func:`load_datalist` for bundle configs: a bad input ends the run with its one-line message
+    (``SystemExit``) before any training time is spent, instead of a traceback through the config parser."""
+    try:
+        return load_datalist(datalist, key, **kwargs)
+    except DatalistError as err:
+        raise SystemExit(f"error: {err}") from None
