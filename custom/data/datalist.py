@@ -1,13 +1,15 @@
 """Datalist loading with up-front validation, so a bad input stops a run before training starts.
 
 Every problem is reported as one :class:`DatalistError` whose message names the file and what is
-wrong with it. Configs call :func:`bundle_datalist`, which turns that error into a clean exit with
-the message alone instead of a traceback through MONAI's config machinery.
+wrong with it. Configs call :data:`bundle_datalist` and :data:`bundle_images`, which turn that error
+into a clean exit with the message alone instead of a traceback through MONAI's config machinery.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -116,10 +118,37 @@ def load_datalist(
     return items
 
 
-def bundle_datalist(datalist: str | Path, key: str, **kwargs) -> list[dict]:
-    """:func:`load_datalist` for bundle configs: a bad input ends the run with its one-line message
-    (``SystemExit``) before any training time is spent, instead of a traceback through the config parser."""
-    try:
-        return load_datalist(datalist, key, **kwargs)
-    except DatalistError as err:
-        raise SystemExit(f"error: {err}") from None
+def find_images(path: str | Path, patterns: tuple[str, ...] = ("*.nii.gz", "*.nii")) -> list[dict]:
+    """Images to segment: a single file, or every file in a folder matching ``patterns`` (sorted).
+    Each is read once to check it, so a broken file stops the run before any inference."""
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted({f for pattern in patterns for f in path.glob(pattern)})
+        if not files:
+            raise DatalistError(f"{path}: folder has no images matching {list(patterns)}")
+    else:
+        raise DatalistError(f"{path}: input does not exist")
+    for f in files:
+        _read_checked(str(f), "image")
+    return [{"image": str(f)} for f in files]
+
+
+def exit_on_error(loader: Callable[..., list[dict]]) -> Callable[..., list[dict]]:
+    """Wrap a loader for bundle configs: a :class:`DatalistError` ends the run with its one-line
+    message (``SystemExit``) before any compute is spent, instead of a traceback through the config parser."""
+
+    @functools.wraps(loader)
+    def wrapper(*args, **kwargs) -> list[dict]:
+        try:
+            return loader(*args, **kwargs)
+        except DatalistError as err:
+            raise SystemExit(f"error: {err}") from None
+
+    return wrapper
+
+
+#: what configs call (``"_target_": "custom.data.datalist.bundle_datalist"``)
+bundle_datalist = exit_on_error(load_datalist)
+bundle_images = exit_on_error(find_images)

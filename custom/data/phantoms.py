@@ -114,7 +114,7 @@ def make_case(cfg: PhantomConfig, rng: np.random.Generator) -> tuple[np.ndarray,
     shape = np.array(cfg.shape)
     spacing = np.array(cfg.spacing)
     extent = shape * spacing  # field of view in mm
-    grids = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij")
+    grids = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing, strict=True)], indexing="ij")
     coords = np.stack(grids).astype(np.float32)
     centre_fov = extent / 2
 

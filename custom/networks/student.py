@@ -94,8 +94,13 @@ class UnCoLStudent(nn.Module):
 
         self.patch_embed = Conv[Conv.CONV, spatial_dims](in_channels, hidden_size, PATCH_SIZE, stride=PATCH_SIZE)
         self.blocks = nn.ModuleList(
-            [TransformerBlock(hidden_size, mlp_dim, num_heads, dropout_rate) for _ in range(num_layers)]
+            [
+                TransformerBlock(hidden_size, mlp_dim, num_heads, dropout_rate, use_flash_attention=True)
+                for _ in range(num_layers)
+            ]
         )
+        for block in self.blocks:  # MONAI builds this norm even without cross-attention; it is never used here
+            block.norm_cross_attn.requires_grad_(False)
         self.norm = nn.LayerNorm(hidden_size)
         fs, sd, nn_ = feature_size, spatial_dims, norm_name
         self.stem = UnetrBasicBlock(sd, in_channels, fs, 3, 1, nn_, res_block=res)
@@ -118,7 +123,9 @@ class UnCoLStudent(nn.Module):
         spatial = list(x.shape[2:])
         for n in spatial:
             if n % self.patch_size:
-                raise ValueError(f"input spatial shape {spatial} must be a multiple of the patch size {self.patch_size}.")
+                raise ValueError(
+                    f"input spatial shape {spatial} must be a multiple of the patch size {self.patch_size}"
+                )
         grid = [n // self.patch_size for n in spatial]
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
         tokens = tokens + sincos_position_embedding(grid, self.hidden_size).to(tokens)

@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny embedded dataset and tiny-model overrides for bundle runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+#: generator parameters of the tiny 2D dataset (32x32, 4 train cases of which 2 labelled)
+TINY_2D = {
+    "spatial_dims": 2,
+    "shape": (32, 32),
+    "num_train": 4,
+    "num_validation": 2,
+    "num_test": 2,
+    "labelled_fraction": 0.5,
+    "seed": 1,
+}
+
+#: bundle overrides that shrink the student and the schedule to seconds
+TINY_NET = {
+    "network_def#hidden_size": 48,
+    "network_def#mlp_dim": 96,
+    "network_def#num_heads": 2,
+    "network_def#feature_size": 8,
+}
+
+
+def tiny_train_overrides(bundle_root: Path, spatial_dims: int = 2) -> dict:
+    size = [32] * spatial_dims
+    return {
+        "bundle_root": str(bundle_root),
+        "embedded_data#shape": size,
+        "embedded_data#num_train": 4,
+        "embedded_data#num_validation": 2,
+        "embedded_data#num_test": 2,
+        "embedded_data#labelled_fraction": 0.5,
+        "roi_size": size,
+        "train_patch": size,
+        "batch_size": 2,
+        "iterations_per_epoch": 2,
+        "max_epochs": 2,
+        "val_interval": 1,
+        **TINY_NET,
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """Datalist path of a tiny generated 2D dataset (shared, read-only)."""
+    from custom.data.phantoms import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("phantom2d"), **TINY_2D)
