@@ -18,9 +18,9 @@ class ClassMetricsReport:
     """At the end of an evaluator run, summarise each metric's per-case, per-class details.
 
     Reads ``engine.state.metric_details`` (filled by MONAI metric handlers with ``save_details=True``)
-    and writes ``<filename>.json`` and ``<filename>.csv`` with mean, std and count per class. Cases
-    where a class is absent from the ground truth (NaN) are left out of that class's statistics;
-    infinite distances (a class missed entirely) are counted in ``n_missed`` and left out of the mean.
+    and writes ``<filename>.json`` and ``<filename>.csv`` with mean, std and count per class. Only
+    finite values count: MONAI gives NaN for Dice where the ground truth lacks the class, and for
+    HD95 where the ground truth or the prediction lacks it, so ``n`` says how many cases each mean covers.
     """
 
     def __init__(
@@ -53,7 +53,6 @@ class ClassMetricsReport:
                 "mean": float(finite.mean()) if finite.size else math.nan,
                 "std": float(finite.std()) if finite.size else math.nan,
                 "n": int(finite.size),
-                "n_missed": int(np.isinf(col).sum()),
             }
         return out
 
@@ -69,10 +68,10 @@ class ClassMetricsReport:
         (self.output_dir / f"{self.filename}.json").write_text(json.dumps(payload, indent=2))
         with open(self.output_dir / f"{self.filename}.csv", "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["metric", "class", "mean", "std", "n", "n_missed"])
+            writer.writerow(["metric", "class", "mean", "std", "n"])
             for metric, classes in report.items():
                 for cls, s in classes.items():
-                    writer.writerow([metric, cls, f"{s['mean']:.4f}", f"{s['std']:.4f}", s["n"], s["n_missed"]])
+                    writer.writerow([metric, cls, f"{s['mean']:.4f}", f"{s['std']:.4f}", s["n"]])
         lines = [f"{'metric':<14}{'class':<12}{'mean':>9}{'std':>9}{'n':>5}"]
         for metric, classes in report.items():
             for cls, s in classes.items():
