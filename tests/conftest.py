@@ -57,3 +57,11 @@ def tiny_dataset(tmp_path_factory) -> Path:
     from custom.data.phantoms import generate_dataset
 
     return generate_dataset(tmp_path_factory.mktemp("phantom2d"), **TINY_2D)
+
+
+@pytest.fixture(scope="session")
+def lite_teacher():
+    """The default generalized teacher (LiteMedSAM with its packaged weights), no cache."""
+    from custom.teachers.generalized import GeneralizedTeacher
+
+    return GeneralizedTeacher("litemedsam", num_classes=3)

@@ -1,0 +1,363 @@
+"""The generalized teacher: a frozen, promptable SAM-family foundation model.
+
+For 2D images (or 3D volumes, slice by slice) plus per-class prompts it returns
+
+1. ``features``: intermediate image-encoder features at the configured stage/block indices
+   (the visual distillation path's targets), as ``(B, C_l, h_l, w_l)`` maps;
+2. ``fusion``: the image tokens after the mask decoder's two-way transformer has attended to each
+   class's prompt, ``(B, C, 256, 64, 64)`` (the semantic path's target; zeros where it abstains);
+3. ``probs``: a ``(B, 1 + C, H, W)`` class-probability map on the input grid (stage 2's pseudo-labels).
+
+``probs`` is composed from the per-class mask probabilities ``p_c`` in painter's order: starting
+from certain background, classes are laid on from the largest predicted mask to the smallest, each
+taking share ``p_c`` of what lies below, ``q <- (1 - p_c) q + p_c e_c``. The result sums to one and a
+structure nested in another (a lesion in its organ) wins over its container.
+
+Abstention: a class without a prompt (absent from the label map the prompts came from) gets
+``p_c = 0`` and zero fusion features; its ``valid`` flag is False. An image (or slice) with no
+prompt at all gets the uniform distribution ``1 / (1 + C)`` everywhere, the maximal entropy
+``ln(1 + C)``, so an entropy gate always prefers the other teacher there.
+
+The teacher is frozen: eval mode for good, no parameter requires grad, and it computes under
+``torch.inference_mode`` in float32 (never under CPU autocast: bf16 is ~17x slower there).
+Outputs are cloned out of inference mode so losses may use them as targets.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from custom.teachers.cache import EncoderCache, fingerprint, image_key
+from custom.teachers.foundation import build_foundation_model, file_sha256
+from custom.teachers.prompts import Prompts, prompts_from_labels
+
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+#: encoder stage/block indices whose outputs feed the visual path, per model
+DEFAULT_FEATURE_INDICES = {
+    "litemedsam": (1, 2, 3),
+    "sam_vit_b": (2, 5, 8),
+    "medsam": (2, 5, 8),
+    "sam_vit_l": (5, 11, 17),
+    "sam_vit_h": (7, 15, 23),
+}
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TeacherOutput:
+    features: dict[str, torch.Tensor]
+    embedding: torch.Tensor
+    probs: torch.Tensor
+    valid: torch.Tensor
+    fusion: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)
+
+
+def compose_class_probs(mask_probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``(B, C, *S)`` per-class mask probabilities and ``(B, C)`` validity -> ``(B, 1 + C, *S)``.
+
+    Painter's order composition (see module docstring); images with no valid class get the uniform map.
+    """
+    b, c = mask_probs.shape[:2]
+    spatial = mask_probs.shape[2:]
+    out = torch.zeros((b, c + 1, *spatial), dtype=mask_probs.dtype, device=mask_probs.device)
+    out[:, 0] = 1.0
+    area = (mask_probs > 0.5).flatten(2).sum(-1).float() + mask_probs.flatten(2).mean(-1)  # ties broken softly
+    for i in range(b):
+        order = [int(k) for k in torch.argsort(area[i], descending=True) if valid[i, k]]
+        if not order:
+            out[i] = 1.0 / (c + 1)
+            continue
+        for k in order:
+            p = mask_probs[i, k]
+            out[i] = out[i] * (1 - p)
+            out[i, k + 1] += p
+    return out
+
+
+class GeneralizedTeacher(nn.Module):
+    """Frozen SAM-family model wrapped for UnCoL (see module docstring).
+
+    Args:
+        model_name: ``litemedsam`` (default, packaged weights), ``sam_vit_b``, ``sam_vit_l``,
+            ``sam_vit_h`` or ``medsam`` (official checkpoints by path).
+        checkpoint: checkpoint file; optional for ``litemedsam``.
+        num_classes: classes including background.
+        feature_indices: encoder stages (TinyViT) or blocks (ViT) whose outputs are returned;
+            ``None`` picks the model's default.
+        prompt_type: ``box``, ``point`` or ``box+point``.
+        box_jitter: fraction of the box size each edge may move when boxes come from labels.
+        slice_axis: for 3D input ``(B, 1, X, Y, Z)``, the spatial axis (0, 1, 2) to slice along.
+        slice_batch: slices per encoder batch in 3D.
+        cache_dir: folder of the encoder-output cache; ``None`` disables caching.
+        seed: seed of the prompt jitter / point sampling generator.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "litemedsam",
+        checkpoint: str | Path | None = None,
+        num_classes: int = 3,
+        feature_indices: Sequence[int] | None = None,
+        prompt_type: str = "box",
+        box_jitter: float = 0.0,
+        slice_axis: int = 2,
+        slice_batch: int = 8,
+        cache_dir: str | Path | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if prompt_type not in ("box", "point", "box+point"):
+            raise ValueError(f"prompt_type must be 'box', 'point' or 'box+point', got {prompt_type!r}")
+        self.model, self.spec, self.checkpoint = build_foundation_model(model_name, checkpoint)
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self.num_classes = num_classes
+        self.feature_indices = tuple(feature_indices or DEFAULT_FEATURE_INDICES[model_name])
+        self.prompt_type = prompt_type
+        self.box_jitter = box_jitter
+        self.slice_axis = slice_axis
+        self.slice_batch = slice_batch
+        self.generator = torch.Generator().manual_seed(seed)
+        stages = getattr(self.model.image_encoder, self.spec.feature_modules)
+        bad = [i for i in self.feature_indices if not 0 <= i < len(stages)]
+        if bad:
+            raise ValueError(f"feature_indices {bad} out of range for {model_name} ({len(stages)} stages/blocks)")
+        self.cache: EncoderCache | None = None
+        if cache_dir is not None:
+            namespace = fingerprint(
+                model=model_name,
+                checkpoint_sha256=file_sha256(self.checkpoint),
+                image_size=self.spec.image_size,
+                normalization=self.spec.normalization,
+                feature_indices=self.feature_indices,
+            )
+            self.cache = EncoderCache(cache_dir, namespace)
+        self._captured: dict[str, torch.Tensor] = {}
+        for i in self.feature_indices:
+            stages[i].register_forward_hook(self._capture(f"enc{i}"))
+        self.model.mask_decoder.transformer.register_forward_hook(self._capture("fusion"))
+
+    # -- frozen for good ------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> GeneralizedTeacher:
+        return super().train(False)
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f"enc{i}" for i in self.feature_indices]
+
+    def _capture(self, name: str):
+        def hook(module: nn.Module, args, output) -> None:
+            self._captured[name] = output
+
+        return hook
+
+    # -- the model's input contract -------------------------------------------------------------
+    def _resized_size(self, h: int, w: int) -> tuple[int, int]:
+        scale = self.spec.image_size / max(h, w)
+        return int(h * scale + 0.5), int(w * scale + 0.5)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """``(N, 1 or 3, H, W)`` any intensities -> the encoder's normalised, resized, padded RGB input."""
+        n, ch, h, w = images.shape
+        x = images.float()
+        lo = x.flatten(1).min(1).values.view(n, 1, 1, 1)
+        hi = x.flatten(1).max(1).values.view(n, 1, 1, 1)
+        x = (x - lo) / (hi - lo).clamp_min(1e-8)  # per-image min-max to [0, 1]
+        if ch == 1:
+            x = x.expand(n, 3, h, w)
+        if self.spec.normalization == "sam":
+            mean = torch.tensor(SAM_PIXEL_MEAN, device=x.device).view(1, 3, 1, 1)
+            std = torch.tensor(SAM_PIXEL_STD, device=x.device).view(1, 3, 1, 1)
+            x = (x * 255.0 - mean) / std
+        nh, nw = self._resized_size(h, w)
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x, (nh, nw), mode="bilinear", align_corners=False, antialias=nh < h)
+        size = self.spec.image_size
+        return F.pad(x, (0, size - nw, 0, size - nh))
+
+    def postprocess(self, low_res: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Mask logits at the decoder's resolution -> logits on the original ``(H, W)`` grid."""
+        s = self.spec.image_size
+        x = F.interpolate(low_res, (s, s), mode="bilinear", align_corners=False)
+        nh, nw = self._resized_size(*size)
+        x = x[..., :nh, :nw]
+        return F.interpolate(x, size, mode="bilinear", align_corners=False)
+
+    # -- encoder (cached) -----------------------------------------------------------------------
+    def _encode_uncached(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        self._captured.clear()
+        embedding = self.model.image_encoder(self.preprocess(images))
+        feats = {name: self._as_map(self._captured[name]) for name in self.feature_names}
+        return [{"embedding": embedding[j], **{k: v[j] for k, v in feats.items()}} for j in range(len(images))]
+
+    @staticmethod
+    def _as_map(x: torch.Tensor) -> torch.Tensor:
+        """Encoder stage output -> ``(N, C, h, w)``: ViT blocks give ``(N, h, w, C)``, TinyViT ``(N, h*w, C)``."""
+        if x.ndim == 4:
+            return x.permute(0, 3, 1, 2)
+        n, tokens, c = x.shape
+        side = int(round(tokens**0.5))
+        if side * side != tokens:
+            raise ValueError(f"cannot fold {tokens} tokens into a square grid")
+        return x.transpose(1, 2).reshape(n, c, side, side)
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Image embedding and intermediate features of ``(N, 1, H, W)`` images, from the cache if possible."""
+        entries: list[dict[str, torch.Tensor] | None] = [None] * len(images)
+        keys = [image_key(img) for img in images] if self.cache is not None else []
+        if self.cache is not None:
+            entries = [self.cache.get(k) for k in keys]
+        todo = [j for j, e in enumerate(entries) if e is None]
+        if todo:
+            fresh = self._encode_uncached(images[todo])
+            for j, entry in zip(todo, fresh, strict=True):
+                entries[j] = self.cache.put(keys[j], entry) if self.cache is not None else entry
+        device = images.device
+        return {k: torch.stack([e[k] for e in entries]).to(device) for k in entries[0]}
+
+    # -- prompts and mask decoder ---------------------------------------------------------------
+    def make_prompts(self, labels: torch.Tensor) -> Prompts:
+        return prompts_from_labels(
+            labels,
+            self.num_classes,
+            box_jitter=self.box_jitter,
+            with_boxes="box" in self.prompt_type,
+            with_points="point" in self.prompt_type,
+            generator=self.generator,
+        )
+
+    @torch.inference_mode()
+    def decode(
+        self, embedding: torch.Tensor, prompts: Prompts, size: tuple[int, int], with_fusion: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-class mask probabilities ``(B, C, H, W)`` and fusion features ``(B, C, 256, h, w)``."""
+        b, c = prompts.valid.shape
+        h, w = size
+        scale = torch.tensor(
+            [self._resized_size(h, w)[1] / w, self._resized_size(h, w)[0] / h], device=embedding.device
+        )
+        mask_probs = embedding.new_zeros(b, c, h, w)
+        fusion = embedding.new_zeros(b, c, *embedding.shape[1:]) if with_fusion else None
+        pe = self.model.prompt_encoder.get_dense_pe()
+        for i in range(b):
+            ks = torch.nonzero(prompts.valid[i]).flatten()
+            if ks.numel() == 0:
+                continue
+            boxes = None if prompts.boxes is None else prompts.boxes[i, ks].to(embedding) * scale.repeat(2)
+            points = None
+            if prompts.points is not None:
+                coords = (prompts.points[i, ks].to(embedding) * scale)[:, None]
+                points = (coords, torch.ones(len(ks), 1, device=embedding.device))
+            sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=None)
+            self._captured.pop("fusion", None)
+            low_res, _ = self.model.mask_decoder(
+                image_embeddings=embedding[i : i + 1],
+                image_pe=pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            mask_probs[i, ks] = torch.sigmoid(self.postprocess(low_res, size))[:, 0]
+            if fusion is not None:
+                src = self._captured["fusion"][1]  # (n_prompts, h*w, 256) image tokens after two-way attention
+                fusion[i, ks] = src.transpose(1, 2).reshape(len(ks), *embedding.shape[1:])
+        return mask_probs, fusion
+
+    # -- the whole teacher ----------------------------------------------------------------------
+    def _forward_2d(self, images: torch.Tensor, prompts: Prompts, with_fusion: bool) -> TeacherOutput:
+        enc = self.encode(images)
+        embedding = enc.pop("embedding")
+        mask_probs, fusion = self.decode(embedding, prompts, tuple(images.shape[-2:]), with_fusion)
+        return TeacherOutput(
+            features=enc,
+            embedding=embedding,
+            probs=compose_class_probs(mask_probs, prompts.valid),
+            valid=prompts.valid,
+            fusion=fusion,
+        )
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        prompts: Prompts | None = None,
+        with_fusion: bool = True,
+    ) -> TeacherOutput:
+        """Run the teacher on ``(B, 1, H, W)`` images or ``(B, 1, X, Y, Z)`` volumes.
+
+        Prompts come from ``prompts`` (2D only) or are made from ``labels`` (class indices or
+        probabilities, same spatial shape as ``images``); with neither, the teacher abstains everywhere.
+        """
+        no_cpu_autocast = torch.autocast("cpu", enabled=False) if images.device.type == "cpu" else nullcontext()
+        with no_cpu_autocast, torch.inference_mode():
+            if images.ndim == 4:
+                if prompts is None:
+                    prompts = self._prompts_or_abstain(labels, images)
+                out = self._forward_2d(images, prompts, with_fusion)
+            elif images.ndim == 5:
+                if prompts is not None:
+                    raise ValueError("3D input takes labels, from which per-slice prompts are made")
+                out = self._forward_3d(images, labels, with_fusion)
+            else:
+                raise ValueError(f"expected (B, 1, H, W) or (B, 1, X, Y, Z) input, got {tuple(images.shape)}")
+        return _clone_out_of_inference(out)
+
+    def _prompts_or_abstain(self, labels: torch.Tensor | None, images: torch.Tensor) -> Prompts:
+        if labels is not None:
+            return self.make_prompts(labels)
+        return Prompts(torch.zeros(len(images), self.num_classes - 1, dtype=torch.bool, device=images.device))
+
+    def _forward_3d(self, volumes: torch.Tensor, labels: torch.Tensor | None, with_fusion: bool) -> TeacherOutput:
+        """Slice-wise along ``slice_axis``: slices are batched through the 2D path and restacked."""
+        axis = 2 + self.slice_axis  # dim of the slice axis in (B, 1, X, Y, Z)
+        b = volumes.shape[0]
+        slices = volumes.movedim(axis, 1)  # (B, S, 1, H, W)
+        n_slices = slices.shape[1]
+        flat = slices.reshape(b * n_slices, *slices.shape[2:])
+        flat_labels = None
+        if labels is not None:
+            flat_labels = labels.movedim(axis, 1).reshape(b * n_slices, *labels.movedim(axis, 1).shape[2:])
+        parts: list[TeacherOutput] = []
+        for start in range(0, len(flat), self.slice_batch):
+            chunk = flat[start : start + self.slice_batch]
+            chunk_labels = None if flat_labels is None else flat_labels[start : start + self.slice_batch]
+            parts.append(self._forward_2d(chunk, self._prompts_or_abstain(chunk_labels, chunk), with_fusion))
+
+        def restack(tensors: list[torch.Tensor]) -> torch.Tensor:
+            x = torch.cat(tensors)  # (B*S, ..., h, w): the last two dims are the slice's spatial dims
+            x = x.reshape(b, n_slices, *x.shape[1:])
+            return x.movedim(1, x.ndim - 3 + self.slice_axis)  # slice axis back among the spatial dims
+
+        return TeacherOutput(
+            features={k: restack([p.features[k] for p in parts]) for k in parts[0].features},
+            embedding=restack([p.embedding for p in parts]),
+            probs=restack([p.probs for p in parts]),
+            valid=torch.cat([p.valid for p in parts]).reshape(b, n_slices, -1),
+            fusion=restack([p.fusion for p in parts]) if with_fusion else None,
+        )
+
+
+def _clone_out_of_inference(out: TeacherOutput) -> TeacherOutput:
+    def clone(x):
+        return None if x is None else x.clone()
+
+    return TeacherOutput(
+        features={k: v.clone() for k, v in out.features.items()},
+        embedding=out.embedding.clone(),
+        probs=out.probs.clone(),
+        valid=out.valid.clone(),
+        fusion=clone(out.fusion),
+    )
