@@ -4,6 +4,7 @@ import hashlib
 
 import pytest
 import torch
+from conftest import CONFIGS
 
 from custom.teachers.foundation import FoundationCheckpointError, build_foundation_model
 
@@ -100,3 +101,20 @@ def test_official_models_need_a_file_and_names_are_checked():
         build_foundation_model("sam_vit_h")
     with pytest.raises(ValueError, match="unknown foundation model 'sam2'"):
         build_foundation_model("sam2")
+
+
+def test_bundle_config_keys_select_the_teacher(sam_vit_b_file, tmp_path):
+    """`teacher_model` and `teacher_checkpoint` in train.json are what users set to change the teacher."""
+    from monai.bundle import ConfigParser
+
+    from custom.teachers.generalized import GeneralizedTeacher
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.update({"bundle_root": str(tmp_path), "teacher_cache_dir": None})
+    default = parser.get_parsed_content("teacher_def")
+    assert isinstance(default, GeneralizedTeacher) and default.spec.name == "litemedsam"
+    parser.update({"teacher_model": "medsam", "teacher_checkpoint": str(sam_vit_b_file[0])})
+    official = parser.get_parsed_content("teacher_def", lazy=False)
+    assert official.spec.name == "medsam" and official.checkpoint == str(sam_vit_b_file[0])
+    assert official.feature_names == ["enc2", "enc5", "enc8"]
