@@ -37,7 +37,10 @@ def sincos_position_embedding(grid: list[int], dim: int, temperature: float = 10
         angles = coord.flatten()[:, None] * omega[None, :]
         parts.append(torch.sin(angles))
         parts.append(torch.cos(angles))
-    return torch.cat(parts, dim=1)[None]
+    emb = torch.cat(parts, dim=1)
+    if emb.shape[1] < dim:  # widths not divisible by 2 * len(grid): the spare channels stay zero
+        emb = torch.nn.functional.pad(emb, (0, dim - emb.shape[1]))
+    return emb[None]
 
 
 class UnCoLStudent(nn.Module):

@@ -157,6 +157,16 @@ class GeneralizedTeacher(nn.Module):
     def feature_names(self) -> list[str]:
         return [f"enc{i}" for i in self.feature_indices]
 
+    @property
+    def feature_channels(self) -> dict[str, int]:
+        """Channels of each returned encoder feature (found once, by encoding a blank image)."""
+        if not hasattr(self, "_feature_channels"):
+            with torch.inference_mode():
+                device = next(self.model.parameters()).device
+                blank = torch.zeros(1, 1, 32, 32, device=device)
+                self._feature_channels = {k: v.shape[0] for k, v in self._encode_uncached(blank)[0].items()}
+        return self._feature_channels
+
     def _capture(self, name: str):
         def hook(module: nn.Module, args, output) -> None:
             self._captured[name] = output
