@@ -36,16 +36,17 @@ def tiny_train_overrides(bundle_root: Path, spatial_dims: int = 2) -> dict:
     size = [32] * spatial_dims
     return {
         "bundle_root": str(bundle_root),
+        "config_dir": str(CONFIGS),
         "embedded_data#shape": size,
         "embedded_data#num_train": 4,
         "embedded_data#num_validation": 2,
         "embedded_data#num_test": 2,
         "embedded_data#labelled_fraction": 0.5,
         "roi_size": size,
-        "train_patch": size,
         "batch_size": 2,
         "iterations_per_epoch": 2,
         "max_epochs": 2,
+        "pretrain_epochs": 2,
         "val_interval": 1,
         **TINY_NET,
     }

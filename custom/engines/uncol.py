@@ -15,6 +15,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 
 from custom.losses.distillation import SemanticDistillationLoss, VisualDistillationLoss
+from custom.losses.pseudo_label import EntropyGate
 from custom.teachers.generalized import GeneralizedTeacher
 from custom.teachers.targets import FUSION_KEY, VALID_KEY, distillation_targets, unfold_fusion
 
@@ -101,5 +102,120 @@ class DistillationIteration:
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.optimizer.step()
         output[Keys.LOSS] = loss.detach()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+def random_flip_rot90(tensors: list[torch.Tensor], generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Apply one random flip / 90-degree rotation per sample, the same to every tensor in ``tensors``
+    (all ``(B, C, *S)``, same ``S``), in the first two spatial axes. Keeps pseudo-labels aligned with
+    the student's view of the image."""
+    out: list[list[torch.Tensor]] = [[] for _ in tensors]
+    dims = (2, 3)
+    for i in range(tensors[0].shape[0]):
+        k = int(torch.randint(4, (1,), generator=generator))
+        flip = bool(torch.randint(2, (1,), generator=generator))
+        for j, t in enumerate(tensors):
+            x = t[i : i + 1]
+            if flip:
+                x = x.flip(dims[0])
+            out[j].append(torch.rot90(x, k, dims))
+    return [torch.cat(parts) for parts in out]
+
+
+class SemiSupervisedIteration:
+    """Stage 2: ``L = L_sup + lambda_u(t) * L_pseudo`` on a labelled and an unlabelled batch.
+
+    On the unlabelled batch's un-augmented (weak) view the specialized teacher (EMA of the student,
+    eval mode) and the generalized teacher (prompted with boxes from the specialized teacher's
+    prediction) give class probabilities; the :class:`EntropyGate` picks each voxel's pseudo-label
+    from the more certain one and masks voxels above the threshold. The student sees the strong view
+    (intensity-augmented), and one random flip/rotation per sample is applied to that view and to the
+    pseudo-labels and mask alike. ``engine.state.gate_threshold`` and ``engine.state.unsup_weight``
+    come from :class:`~custom.handlers.ramps.ScheduleHandler`\\ s.
+
+    Args:
+        gate: the entropy gate (which teachers, gate on/off).
+        pseudo_loss: loss on the gated voxels.
+        specialized: the EMA model (``EMAHandler.ema_model``); unused when ``gate.teachers == "generalized"``
+            except to prompt the generalized teacher.
+        generalized: the generalized teacher; None when ``gate.teachers == "specialized"``.
+        seed: seed of the spatial augmentation of the unlabelled stream.
+        strong_key: key of the student's (strong) view in the unlabelled batch.
+    """
+
+    def __init__(
+        self,
+        gate: EntropyGate,
+        pseudo_loss: nn.Module,
+        specialized: nn.Module,
+        generalized: GeneralizedTeacher | None = None,
+        seed: int = 0,
+        strong_key: str = "image_strong",
+    ) -> None:
+        if gate.teachers != "specialized" and generalized is None:
+            raise ValueError(f"teachers={gate.teachers!r} needs the generalized teacher")
+        self.gate = gate
+        self.pseudo_loss = pseudo_loss
+        self.specialized = specialized
+        self.generalized = generalized if gate.teachers != "specialized" else None
+        self.generator = torch.Generator().manual_seed(seed)
+        self.strong_key = strong_key
+
+    @torch.no_grad()
+    def teacher_probs(self, weak: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self.specialized.eval()
+        spec = torch.softmax(self.specialized(weak).float(), 1)
+        gen = None
+        if self.generalized is not None:
+            prompts_from = spec.argmax(1, keepdim=True)  # the specialized teacher's current prediction
+            gen = self.generalized(weak, labels=prompts_from, with_fusion=False).probs.to(spec)
+        return spec, gen
+
+    def __call__(self, engine, batch: dict) -> dict:
+        device = engine.state.device
+        labelled, unlabelled = batch["labelled"], batch["unlabelled"]
+        images, labels = engine.prepare_batch(labelled, device, engine.non_blocking)
+        weak = _plain(unlabelled["image"]).to(device)
+        strong = _plain(unlabelled[self.strong_key]).to(device)
+        threshold = float(getattr(engine.state, "gate_threshold", 0.0))
+        unsup_weight = float(getattr(engine.state, "unsup_weight", 1.0))
+
+        spec, gen = self.teacher_probs(weak)
+        gated = self.gate(spec if self.gate.teachers != "generalized" else None, gen, threshold)
+        strong, pseudo, mask = random_flip_rot90(
+            [strong, gated.pseudo_label.float(), gated.mask], generator=self.generator
+        )
+
+        engine.state.output = output = {Keys.IMAGE: images, Keys.LABEL: labels}
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=True)
+        cuda_amp = engine.amp and images.device.type == "cuda"
+        with torch.autocast("cuda") if cuda_amp else nullcontext():
+            logits = engine.network(torch.cat([images, strong]))
+            output[Keys.PRED] = logits[: len(images)]
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            loss_sup = engine.loss_function(output[Keys.PRED], labels)
+            loss_pseudo = self.pseudo_loss(logits[len(images) :].float(), pseudo.long(), mask)
+            loss = loss_sup + unsup_weight * loss_pseudo
+            output[Keys.LOSS] = loss
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        if cuda_amp and getattr(engine, "scaler_", None) is not None:
+            engine.scaler_.scale(loss).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.scaler_.step(engine.optimizer)
+            engine.scaler_.update()
+        else:
+            loss.backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.optimizer.step()
+        output[Keys.LOSS] = loss.detach()
+        output.update(
+            loss_sup=float(loss_sup.detach()),
+            loss_pseudo=float(loss_pseudo.detach()),
+            gate_threshold=threshold,
+            unsup_weight=unsup_weight,
+            **gated.stats(),
+        )
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output

@@ -1,0 +1,95 @@
+"""Uncertainty-aware pseudo-labelling of UnCoL stage 2.
+
+For every unlabelled voxel the Shannon entropy of each teacher's class probabilities is computed;
+the more certain teacher (lower entropy) supplies the pseudo-label, and only voxels whose chosen
+entropy is below the current threshold are supervised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.losses import MaskedDiceLoss
+
+TEACHER_MODES = ("both", "specialized", "generalized")
+GATE_MODES = ("entropy", "none")
+
+
+def shannon_entropy(probs: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
+    """``-sum p log p`` over ``dim`` (natural log: at most ``ln(C)``), keeping ``dim`` as size 1."""
+    return -(probs * torch.log(probs.clamp_min(eps))).sum(dim, keepdim=True)
+
+
+@dataclass
+class GateResult:
+    pseudo_label: torch.Tensor  # (B, 1, *S) class indices
+    mask: torch.Tensor  # (B, 1, *S) float, 1 where supervised
+    from_generalized: torch.Tensor  # (B, 1, *S) bool, where the generalized teacher supplied the label
+    entropy: torch.Tensor  # (B, 1, *S) entropy of the chosen teacher
+
+    def stats(self) -> dict[str, float]:
+        """Fraction of voxels kept, and of the kept voxels the fraction each teacher supplied."""
+        kept = self.mask.sum()
+        from_gen = (self.from_generalized.float() * self.mask).sum()
+        frac_gen = float(from_gen / kept) if kept > 0 else 0.0
+        return {
+            "gate_kept": float(self.mask.mean()),
+            "gate_from_generalized": frac_gen,
+            "gate_from_specialized": (1.0 - frac_gen) if kept > 0 else 0.0,
+        }
+
+
+class EntropyGate:
+    """Pick each voxel's pseudo-label from the lower-entropy teacher and mask uncertain voxels.
+
+    Args:
+        teachers: ``both`` (UnCoL), ``specialized`` (Mean Teacher with the same gate) or ``generalized``.
+        gate: ``entropy`` (keep voxels whose chosen entropy < threshold) or ``none`` (keep all).
+    """
+
+    def __init__(self, teachers: str = "both", gate: str = "entropy") -> None:
+        if teachers not in TEACHER_MODES:
+            raise ValueError(f"teachers must be one of {TEACHER_MODES}, got {teachers!r}")
+        if gate not in GATE_MODES:
+            raise ValueError(f"gate must be one of {GATE_MODES}, got {gate!r}")
+        self.teachers = teachers
+        self.gate = gate
+
+    def __call__(
+        self, specialized: torch.Tensor | None, generalized: torch.Tensor | None, threshold: float
+    ) -> GateResult:
+        """``(B, C, *S)`` class probabilities of each teacher (None for an unused one)."""
+        ent_s = shannon_entropy(specialized) if specialized is not None else None
+        ent_g = shannon_entropy(generalized) if generalized is not None else None
+        if self.teachers == "both":
+            use_gen = ent_g < ent_s  # ties go to the specialized teacher
+            probs = torch.where(use_gen, generalized, specialized)
+            entropy = torch.where(use_gen, ent_g, ent_s)
+        elif self.teachers == "specialized":
+            probs, entropy = specialized, ent_s
+            use_gen = torch.zeros_like(ent_s, dtype=torch.bool)
+        else:
+            probs, entropy = generalized, ent_g
+            use_gen = torch.ones_like(ent_g, dtype=torch.bool)
+        mask = (entropy < threshold).float() if self.gate == "entropy" else torch.ones_like(entropy)
+        return GateResult(probs.argmax(1, keepdim=True), mask, use_gen, entropy)
+
+
+class PseudoLabelLoss(nn.Module):
+    """Masked cross-entropy plus masked Dice over the gated voxels (Dice over foreground classes)."""
+
+    def __init__(self, lambda_ce: float = 1.0, lambda_dice: float = 1.0) -> None:
+        super().__init__()
+        self.lambda_ce = lambda_ce
+        self.lambda_dice = lambda_dice
+        self.dice = MaskedDiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
+
+    def forward(self, logits: torch.Tensor, pseudo_label: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if mask.sum() == 0:
+            return logits.sum() * 0.0  # nothing confident enough yet: no pseudo supervision
+        ce = F.cross_entropy(logits, pseudo_label[:, 0], reduction="none")[:, None]
+        ce = (ce * mask).sum() / mask.sum()
+        return self.lambda_ce * ce + self.lambda_dice * self.dice(logits, pseudo_label, mask=mask)

@@ -1,0 +1,64 @@
+import math
+
+import pytest
+import torch
+
+from custom.losses.pseudo_label import EntropyGate, PseudoLabelLoss, shannon_entropy
+
+
+def _probs(*columns):
+    """(1, C, 1, N) probability map from per-voxel class distributions."""
+    return torch.tensor(columns, dtype=torch.float32).T[None, :, None, :]
+
+
+def test_entropy_values():
+    p = _probs([1 / 3, 1 / 3, 1 / 3], [1.0, 0.0, 0.0], [0.5, 0.5, 0.0])
+    assert shannon_entropy(p).flatten().tolist() == pytest.approx([math.log(3), 0.0, math.log(2)], abs=1e-6)
+
+
+def test_gate_picks_the_lower_entropy_teacher_voxel_by_voxel():
+    spec = _probs([0.9, 0.05, 0.05], [0.4, 0.3, 0.3], [0.1, 0.8, 0.1], [0.34, 0.33, 0.33])
+    gen = _probs([0.2, 0.2, 0.6], [0.02, 0.02, 0.96], [0.3, 0.4, 0.3], [0.2, 0.6, 0.2])
+    result = EntropyGate("both", "none")(spec, gen, threshold=0.0)
+    assert result.from_generalized.flatten().tolist() == [False, True, False, True]
+    assert result.pseudo_label.flatten().tolist() == [0, 2, 1, 1]
+    assert result.mask.flatten().tolist() == [1, 1, 1, 1]  # gate off: everything supervised
+    expected = torch.minimum(shannon_entropy(spec), shannon_entropy(gen))
+    assert torch.allclose(result.entropy, expected)
+
+
+def test_gate_masks_exactly_the_voxels_above_the_threshold():
+    spec = _probs([0.98, 0.01, 0.01], [0.6, 0.2, 0.2], [0.34, 0.33, 0.33], [0.01, 0.98, 0.01])
+    threshold = 0.5
+    result = EntropyGate("specialized", "entropy")(spec, None, threshold)
+    entropy = shannon_entropy(spec).flatten()
+    assert result.mask.flatten().tolist() == [float(e < threshold) for e in entropy.tolist()] == [1, 0, 0, 1]
+    stats = result.stats()
+    assert stats == {"gate_kept": 0.5, "gate_from_generalized": 0.0, "gate_from_specialized": 1.0}
+
+
+def test_generalized_only_and_abstention_prefers_the_other_teacher():
+    spec = _probs([0.7, 0.2, 0.1], [0.7, 0.2, 0.1])
+    uniform = _probs([1 / 3] * 3, [0.0, 0.0, 1.0])  # first voxel: the generalized teacher abstained
+    both = EntropyGate("both")(spec, uniform, threshold=10.0)
+    assert both.from_generalized.flatten().tolist() == [False, True]
+    only = EntropyGate("generalized")(None, uniform, threshold=10.0)
+    assert only.from_generalized.all() and only.pseudo_label.flatten().tolist()[1] == 2
+    with pytest.raises(ValueError, match="teachers"):
+        EntropyGate("three")
+
+
+def test_pseudo_loss_only_sees_gated_voxels():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    pseudo = torch.randint(0, 3, (2, 1, 8, 8))
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, :4] = 1
+    loss_fn = PseudoLabelLoss()
+    loss = loss_fn(logits, pseudo, mask)
+    loss.backward()
+    assert logits.grad[:, :, 4:].abs().max() == 0 and logits.grad[:, :, :4].abs().max() > 0
+    other = pseudo.clone()
+    other[:, :, 4:] = (other[:, :, 4:] + 1) % 3  # labels under the mask do not matter
+    assert torch.allclose(loss_fn(logits, other, mask), loss)
+    assert loss_fn(logits, pseudo, torch.zeros_like(mask)).item() == 0.0

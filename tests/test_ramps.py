@@ -1,0 +1,32 @@
+import math
+
+import pytest
+from ignite.engine import Engine
+
+from custom.handlers.ramps import ScheduleHandler, ThresholdSchedule, WeightSchedule, sigmoid_rampup
+
+
+def test_sigmoid_rampup_shape():
+    assert sigmoid_rampup(0, 100) == pytest.approx(math.exp(-5))
+    assert sigmoid_rampup(50, 100) == pytest.approx(math.exp(-1.25))
+    assert sigmoid_rampup(100, 100) == 1.0 and sigmoid_rampup(500, 100) == 1.0
+
+
+def test_threshold_schedule_start_middle_end():
+    ln3 = math.log(3)
+    ramped = ThresholdSchedule(num_classes=3, ramp_iters=100)
+    assert ramped(0) == pytest.approx((0.75 + 0.25 * math.exp(-5)) * ln3)
+    assert ramped(50) == pytest.approx((0.75 + 0.25 * math.exp(-1.25)) * ln3)
+    assert ramped(100) == pytest.approx(ln3) and ramped(1000) == pytest.approx(ln3)
+    fixed = ThresholdSchedule(num_classes=3, ramp_iters=100, ramped=False, end=0.8)
+    assert fixed(0) == fixed(50) == fixed(100) == pytest.approx(0.8 * ln3)
+
+
+def test_schedule_handler_writes_state_before_each_iteration():
+    seen = []
+    engine = Engine(lambda e, b: seen.append((e.state.iteration, e.state.unsup_weight)))
+    ScheduleHandler("unsup_weight", WeightSchedule(max_weight=2.0, ramp_iters=4)).attach(engine)
+    engine.run([0] * 6, max_epochs=1)
+    assert [i for i, _ in seen] == [1, 2, 3, 4, 5, 6]
+    assert [w for _, w in seen] == pytest.approx([2.0 * sigmoid_rampup(t, 4) for t in range(6)])
+    assert seen[-1][1] == 2.0

@@ -1,0 +1,65 @@
+"""Stage 2 pieces: the EMA teacher, the shared spatial augmentation, the two data streams."""
+
+import pytest
+import torch
+from conftest import CONFIGS, TINY_NET
+from ignite.engine import Engine, Events
+from monai.bundle import ConfigParser
+
+from custom.data.streams import TwoStreamLoader
+from custom.engines.uncol import random_flip_rot90
+
+
+def _ema_from_config(tmp_path):
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.update({"bundle_root": str(tmp_path), "device": "$torch.device('cpu')", **TINY_NET})
+    return parser.get_parsed_content("network"), parser.get_parsed_content("ema"), parser
+
+
+def test_ema_teacher_moves_toward_the_student_at_the_configured_rate(tmp_path):
+    student, ema, parser = _ema_from_config(tmp_path)
+    decay = parser.get_parsed_content("ema_decay")
+    warmup = parser.get_parsed_content("ema#warmup_iters")
+    assert decay == 0.99
+    teacher = ema.ema_model
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+
+    def step(engine, _):
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(1.0)  # the student moves by +1 every iteration
+
+    engine = Engine(step)
+    before = {}
+    engine.add_event_handler(
+        Events.ITERATION_STARTED, lambda _: before.update({k: v.clone() for k, v in teacher.state_dict().items()})
+    )
+    ema.attach(engine)
+    engine.run([0] * (warmup + 3), max_epochs=1)
+    # after warm-up: ema <- decay * ema + (1 - decay) * student, for every parameter
+    assert engine.state.ema_momentum == pytest.approx(1 - decay)
+    for name in ("patch_embed.weight", "blocks.3.mlp.linear1.weight", "head.conv.conv.bias"):
+        expected = decay * before[name] + (1 - decay) * student.state_dict()[name]
+        assert torch.allclose(teacher.state_dict()[name], expected, atol=1e-5), name
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_flip_rot90_applies_one_transform_to_every_tensor():
+    g = torch.Generator().manual_seed(0)
+    image = torch.arange(2 * 16 * 16, dtype=torch.float32).reshape(2, 1, 16, 16)
+    label = image.clone().long()
+    mask = image.clone() * 2
+    out_image, out_label, out_mask = random_flip_rot90([image, label, mask], generator=g)
+    assert torch.equal(out_image.long(), out_label) and torch.equal(out_image * 2, out_mask)
+    seen = set()
+    for _ in range(20):
+        (out,) = random_flip_rot90([image[:1]], generator=g)
+        seen.add(tuple(out.flatten()[:3].tolist()))
+    assert len(seen) == 8  # all 4 rotations x 2 flips occur
+
+
+def test_two_streams_iterate_in_lockstep():
+    loader = TwoStreamLoader([1, 2, 3], ["a", "b"])
+    assert len(loader) == 2
+    assert list(loader) == [{"labelled": 1, "unlabelled": "a"}, {"labelled": 2, "unlabelled": "b"}]
