@@ -17,13 +17,21 @@ $(STAMP): requirements-torch.txt requirements.txt requirements-dev.txt constrain
 
 install: $(STAMP)
 
-# Generate the embedded data, train the student, segment the test split, print test Dice per class.
+EVALUATE := $(BUNDLE_RUN) evaluate --config_file "['$(TRAIN)','bundle/configs/evaluate.json']"
+
+# The whole UnCoL pipeline on the embedded 2D data: stage 1 (distillation from LiteMedSAM), stage 2
+# (EMA + generalized teacher, entropy-gated pseudo-labels), inference on the test split, evaluation
+# of both students, test Dice per class side by side.
 demo: install
 	@start=$$(date +%s); \
+	$(BUNDLE_RUN) pretrain --config_file "['$(TRAIN)','bundle/configs/pretrain.json']" && \
 	$(BUNDLE_RUN) training --config_file $(TRAIN) && \
 	$(BUNDLE_RUN) inference --config_file bundle/configs/inference.json && \
-	$(BUNDLE_RUN) evaluate --config_file "['$(TRAIN)','bundle/configs/evaluate.json']" && \
-	echo "demo finished in $$(( $$(date +%s) - start )) s; segmentations in bundle/eval/segmentations, report in bundle/eval/report"
+	$(EVALUATE) --ckpt_path bundle/models/pretrain.pt --report_dir bundle/eval/report_stage1 && \
+	$(EVALUATE) && \
+	$(PY) -m custom.handlers.class_report "stage 1=bundle/eval/report_stage1/report.json" \
+		"UnCoL (stage 2)=bundle/eval/report/report.json" && \
+	echo "demo finished in $$(( $$(date +%s) - start )) s; segmentations in bundle/eval/segmentations, reports in bundle/eval/"
 
 test: install
 	$(PY) -m pytest -q tests

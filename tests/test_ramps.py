@@ -18,7 +18,7 @@ def test_threshold_schedule_start_middle_end():
     assert ramped(0) == pytest.approx((0.75 + 0.25 * math.exp(-5)) * ln3)
     assert ramped(50) == pytest.approx((0.75 + 0.25 * math.exp(-1.25)) * ln3)
     assert ramped(100) == pytest.approx(ln3) and ramped(1000) == pytest.approx(ln3)
-    fixed = ThresholdSchedule(num_classes=3, ramp_iters=100, ramped=False, end=0.8)
+    fixed = ThresholdSchedule(num_classes=3, ramp_iters=100, ramped=False, start=0.8)
     assert fixed(0) == fixed(50) == fixed(100) == pytest.approx(0.8 * ln3)
 
 

@@ -20,6 +20,22 @@ from custom.teachers.generalized import GeneralizedTeacher
 from custom.teachers.targets import FUSION_KEY, VALID_KEY, distillation_targets, unfold_fusion
 
 
+def _optimise(engine, loss: torch.Tensor, cuda_amp: bool) -> dict:
+    """Backward and optimiser step (with AMP's grad scaler on CUDA), firing MONAI's iteration events."""
+    if cuda_amp and getattr(engine, "scaler_", None) is not None:
+        engine.scaler_.scale(loss).backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.scaler_.step(engine.optimizer)
+        engine.scaler_.update()
+    else:
+        loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.optimizer.step()
+    engine.state.output[Keys.LOSS] = loss.detach()
+    engine.fire_event(IterationEvents.MODEL_COMPLETED)
+    return engine.state.output
+
+
 def _plain(x) -> torch.Tensor:
     return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
 
@@ -92,18 +108,7 @@ class DistillationIteration:
             output[Keys.LOSS] = loss
             output.update({f"loss_{k}": float(v.detach()) for k, v in terms.items()})
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        if cuda_amp and getattr(engine, "scaler_", None) is not None:
-            engine.scaler_.scale(loss).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler_.step(engine.optimizer)
-            engine.scaler_.update()
-        else:
-            loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
-        output[Keys.LOSS] = loss.detach()
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return engine.state.output
+        return _optimise(engine, loss, cuda_amp)
 
 
 def random_flip_rot90(tensors: list[torch.Tensor], generator: torch.Generator | None = None) -> list[torch.Tensor]:
@@ -200,16 +205,6 @@ class SemiSupervisedIteration:
             loss = loss_sup + unsup_weight * loss_pseudo
             output[Keys.LOSS] = loss
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        if cuda_amp and getattr(engine, "scaler_", None) is not None:
-            engine.scaler_.scale(loss).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler_.step(engine.optimizer)
-            engine.scaler_.update()
-        else:
-            loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
-        output[Keys.LOSS] = loss.detach()
         output.update(
             loss_sup=float(loss_sup.detach()),
             loss_pseudo=float(loss_pseudo.detach()),
@@ -217,5 +212,4 @@ class SemiSupervisedIteration:
             unsup_weight=unsup_weight,
             **gated.stats(),
         )
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return engine.state.output
+        return _optimise(engine, loss, cuda_amp)

@@ -77,3 +77,23 @@ class ClassMetricsReport:
             for cls, s in classes.items():
                 lines.append(f"{metric:<14}{cls:<12}{s['mean']:>9.4f}{s['std']:>9.4f}{s['n']:>5}")
         self.logger.info("per-class results (%s):\n%s", self.output_dir / f"{self.filename}.json", "\n".join(lines))
+
+
+def compare_reports(reports: dict[str, str | Path], metric: str = "test_dice") -> str:
+    """Side-by-side table of one metric's per-class means from several ``report.json`` files."""
+    loaded = {name: json.loads(Path(path).read_text())["metrics"][metric] for name, path in reports.items()}
+    classes = list(next(iter(loaded.values())))
+    width = max(12, *(len(n) + 2 for n in loaded))
+    lines = [f"{metric:<12}" + "".join(f"{name:>{width}}" for name in loaded)]
+    for cls in classes:
+        lines.append(f"{cls:<12}" + "".join(f"{r[cls]['mean']:>{width}.4f}" for r in loaded.values()))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    # python -m custom.handlers.class_report "name=path/report.json" ... : print them side by side
+    pairs = dict(arg.split("=", 1) for arg in sys.argv[1:])
+    print(compare_reports(pairs))
+    print(compare_reports(pairs, "test_hd95"))

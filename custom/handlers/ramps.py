@@ -24,7 +24,7 @@ def sigmoid_rampup(t: float, length: float) -> float:
 
 class ThresholdSchedule:
     """Entropy threshold ``tau(t) = (start + (end - start) * rampup(t)) * ln(C)`` (UA-MT's schedule with the
-    defaults 0.75 -> 1.0); ``ramped=False`` keeps it fixed at ``end * ln(C)``.
+    defaults 0.75 -> 1.0); ``ramped=False`` keeps it fixed at ``start * ln(C)``.
 
     ``ln(C)`` is the largest possible entropy of C classes, so the threshold is a fraction of it.
     """
@@ -37,7 +37,7 @@ class ThresholdSchedule:
 
     def __call__(self, t: int) -> float:
         if not self.ramped:
-            return self.end * self.max_entropy
+            return self.start * self.max_entropy
         return (self.start + (self.end - self.start) * sigmoid_rampup(t, self.ramp_iters)) * self.max_entropy
 
 
