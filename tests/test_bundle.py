@@ -44,6 +44,10 @@ def trained(tmp_path_factory):
 
 def test_training_runs_stage1_first_then_stage2_and_logs_the_gate(trained):
     assert "running stage 1 (pretrain) first" in trained.stdout
+    # stage 1 ran on the very data stage 2 uses (the tiny 32x32 set), not a regenerated default set
+    assert "> use_embedded_data: False" in trained.stdout
+    datalist = json.loads((trained.root / "data" / "phantom2d" / "datalist.json").read_text())
+    assert datalist["generator"]["shape"] == [32, 32] and len(datalist["test"]) == 2
     assert "stage 2 starts from the stage 1 student" in trained.stdout
     for stat in (
         "gate_kept",
@@ -92,6 +96,26 @@ def test_each_teachers_setting_runs(trained, tmp_path, teachers):
     expected = 0.0 if teachers == "specialized" else 1.0
     assert out["gate_from_generalized"] in (0.0, expected)
     assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_stage2_can_continue_the_distillation(trained, tmp_path):
+    (tmp_path / "models").mkdir()
+    shutil.copy(trained.root / "models" / "pretrain.pt", tmp_path / "models" / "pretrain.pt")
+    overrides = {
+        **tiny_train_overrides(tmp_path),
+        "max_epochs": 1,
+        "distillation": "both",
+        "teacher_cache_dir": str(trained.root / "cache" / "teacher"),
+    }
+    workflow = ConfigWorkflow(config_file=TRAIN, run_id="training", **overrides)
+    workflow.initialize()
+    workflow.run()
+    out = workflow.parser.get_parsed_content("train#trainer").state.output[0]
+    extra = workflow.parser.get_parsed_content("distillation_modules")
+    optimised = {id(p) for p in workflow.parser.get_parsed_content("optimizer").param_groups[0]["params"]}
+    workflow.finalize()
+    assert {"loss_visual", "loss_semantic", "loss_pseudo", "loss_sup"} <= set(out)
+    assert len(extra) == 2 and {id(p) for p in extra.parameters()} <= optimised
 
 
 def test_inference_writes_segmentation_in_the_input_space(trained, tmp_path):

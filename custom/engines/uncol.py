@@ -79,6 +79,25 @@ class DistillationIteration:
         keys = [k for k in batch if isinstance(k, str) and k.startswith(self.prefix)]
         return {k[len(self.prefix) :]: _plain(batch[k]).to(images.device) for k in keys}
 
+    def terms(self, feats: dict[str, torch.Tensor], batch: dict, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        """The active distillation terms for a labelled batch, from the student's features."""
+        terms: dict[str, torch.Tensor] = {}
+        if self.visual is None and self.semantic is None:
+            return terms
+        targets = self._targets(batch, images, labels, list(feats["layer1"].shape[2:]))
+        if self.visual is not None:
+            terms["visual"] = self.visual(feats, targets)
+        if self.semantic is not None:
+            num_fg = targets[VALID_KEY].shape[1]
+            fusion = unfold_fusion(targets[FUSION_KEY].float(), num_fg)
+            terms["semantic"] = self.semantic(feats, fusion, targets[VALID_KEY].bool())
+        return terms
+
+    def weighted(self, terms: dict[str, torch.Tensor]) -> torch.Tensor | float:
+        """``w_vis * L_visual + w_sem * L_semantic`` over the active terms."""
+        weights = {"visual": self.visual_weight, "semantic": self.semantic_weight}
+        return sum(weights[k] * v for k, v in terms.items())
+
     def __call__(self, engine, batch: dict) -> dict:
         images, labels = engine.prepare_batch(batch, engine.state.device, engine.non_blocking)
         # MONAI's event protocol, so its handlers (decollation, post-processing, metrics) work as usual
@@ -90,21 +109,8 @@ class DistillationIteration:
             feats = engine.network.forward_features(images)
             output[Keys.PRED] = engine.network.decode(feats)
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            terms = {"sup": engine.loss_function(output[Keys.PRED], labels)}
-            if self.visual is not None or self.semantic is not None:
-                grid = list(feats["layer1"].shape[2:])
-                targets = self._targets(batch, images, labels, grid)
-                if self.visual is not None:
-                    terms["visual"] = self.visual(feats, targets)
-                if self.semantic is not None:
-                    num_fg = targets[VALID_KEY].shape[1]
-                    fusion = unfold_fusion(targets[FUSION_KEY].float(), num_fg)
-                    terms["semantic"] = self.semantic(feats, fusion, targets[VALID_KEY].bool())
-            loss = terms["sup"]
-            if "visual" in terms:
-                loss = loss + self.visual_weight * terms["visual"]
-            if "semantic" in terms:
-                loss = loss + self.semantic_weight * terms["semantic"]
+            terms = {"sup": engine.loss_function(output[Keys.PRED], labels), **self.terms(feats, batch, images, labels)}
+            loss = terms["sup"] + self.weighted({k: v for k, v in terms.items() if k != "sup"})
             output[Keys.LOSS] = loss
             output.update({f"loss_{k}": float(v.detach()) for k, v in terms.items()})
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
@@ -147,6 +153,7 @@ class SemiSupervisedIteration:
         generalized: the generalized teacher; None when ``gate.teachers == "specialized"``.
         seed: seed of the spatial augmentation of the unlabelled stream.
         strong_key: key of the student's (strong) view in the unlabelled batch.
+        distillation: stage 1's distillation, continued on the labelled batch (None: off).
     """
 
     def __init__(
@@ -157,6 +164,7 @@ class SemiSupervisedIteration:
         generalized: GeneralizedTeacher | None = None,
         seed: int = 0,
         strong_key: str = "image_strong",
+        distillation: DistillationIteration | None = None,
     ) -> None:
         if gate.teachers != "specialized" and generalized is None:
             raise ValueError(f"teachers={gate.teachers!r} needs the generalized teacher")
@@ -166,6 +174,7 @@ class SemiSupervisedIteration:
         self.generalized = generalized if gate.teachers != "specialized" else None
         self.generator = torch.Generator().manual_seed(seed)
         self.strong_key = strong_key
+        self.distillation = distillation
 
     @torch.no_grad()
     def teacher_probs(self, weak: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -197,12 +206,18 @@ class SemiSupervisedIteration:
         engine.optimizer.zero_grad(set_to_none=True)
         cuda_amp = engine.amp and images.device.type == "cuda"
         with torch.autocast("cuda") if cuda_amp else nullcontext():
-            logits = engine.network(torch.cat([images, strong]))
-            output[Keys.PRED] = logits[: len(images)]
+            n = len(images)
+            feats = engine.network.forward_features(torch.cat([images, strong]))
+            logits = engine.network.decode(feats)
+            output[Keys.PRED] = logits[:n]
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             loss_sup = engine.loss_function(output[Keys.PRED], labels)
-            loss_pseudo = self.pseudo_loss(logits[len(images) :].float(), pseudo.long(), mask)
+            loss_pseudo = self.pseudo_loss(logits[n:].float(), pseudo.long(), mask)
             loss = loss_sup + unsup_weight * loss_pseudo
+            distill = {}
+            if self.distillation is not None:
+                distill = self.distillation.terms({k: v[:n] for k, v in feats.items()}, labelled, images, labels)
+                loss = loss + self.distillation.weighted(distill)
             output[Keys.LOSS] = loss
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
         output.update(
@@ -211,5 +226,6 @@ class SemiSupervisedIteration:
             gate_threshold=threshold,
             unsup_weight=unsup_weight,
             **gated.stats(),
+            **{f"loss_{k}": float(v.detach()) for k, v in distill.items()},
         )
         return _optimise(engine, loss, cuda_amp)
