@@ -7,6 +7,9 @@ One run, same data (embedded 2D phantoms, 128x128), same student, batches of 2 l
 unlabelled. Each setting runs in its own process so its peak memory (max RSS on CPU, max allocated
 on CUDA) is its own. "Cache on" is what the bundle does: the unlabelled weak view is the
 un-augmented image, so after the first visit the teacher's encoder output is read from disk.
+"Prompts changed" is the worst case (the EMA teacher's boxes differ on every visit, so the mask
+decoder runs every step); "prompts same" is the best case (the generalized teacher's output is
+reused). A real run lies between: its ``generalized_reused`` statistic says where.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SETTINGS = {
-    "mean teacher": {"teachers": "specialized", "cache": False},
-    "uncol, cache on": {"teachers": "both", "cache": True},
-    "uncol, cache off": {"teachers": "both", "cache": False},
+    "mean teacher": {"teachers": "specialized", "cache": False, "reuse": False},
+    "uncol, cache, prompts changed": {"teachers": "both", "cache": True, "reuse": False},
+    "uncol, cache, prompts same": {"teachers": "both", "cache": True, "reuse": True},
+    "uncol, no cache": {"teachers": "both", "cache": False, "reuse": False},
 }
 
 
@@ -60,7 +64,9 @@ def run_setting(name: str, steps: int) -> dict:
         teacher = None
         if setting["teachers"] == "both":
             teacher = GeneralizedTeacher("litemedsam", cache_dir=cache_dir if setting["cache"] else None).to(device)
-        iteration = SemiSupervisedIteration(EntropyGate(setting["teachers"]), PseudoLabelLoss(), ema, teacher)
+        iteration = SemiSupervisedIteration(
+            EntropyGate(setting["teachers"]), PseudoLabelLoss(), ema, teacher, reuse_generalized=setting["reuse"]
+        )
 
         class Engine(SimpleNamespace):
             def fire_event(self, event) -> None:

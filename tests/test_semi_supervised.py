@@ -63,3 +63,24 @@ def test_two_streams_iterate_in_lockstep():
     loader = TwoStreamLoader([1, 2, 3], ["a", "b"])
     assert len(loader) == 2
     assert list(loader) == [{"labelled": 1, "unlabelled": "a"}, {"labelled": 2, "unlabelled": "b"}]
+
+
+def test_generalized_output_is_reused_only_for_identical_prompts(lite_teacher):
+    from custom.engines.uncol import SemiSupervisedIteration
+    from custom.losses.pseudo_label import EntropyGate, PseudoLabelLoss
+    from custom.networks.student import UnCoLStudent
+
+    torch.manual_seed(0)
+    ema = UnCoLStudent(spatial_dims=2, **{"hidden_size": 48, "mlp_dim": 96, "num_heads": 2, "feature_size": 8})
+    weak = torch.randn(2, 1, 32, 32)
+    reusing = SemiSupervisedIteration(EntropyGate("both"), PseudoLabelLoss(), ema, lite_teacher)
+    fresh = SemiSupervisedIteration(EntropyGate("both"), PseudoLabelLoss(), ema, lite_teacher, reuse_generalized=False)
+    first = reusing.teacher_probs(weak)[1]
+    second = reusing.teacher_probs(weak)[1]  # same images, same EMA, same boxes: no decoder call
+    assert reusing.generalized_reused == 2 and reusing.generalized_calls == 4
+    assert torch.equal(first, second) and torch.equal(second, fresh.teacher_probs(weak)[1])
+    with torch.no_grad():  # the EMA teacher changes: new prompts, so the decoder runs again
+        for p in ema.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    changed = reusing.teacher_probs(weak)[1]
+    assert torch.equal(changed, fresh.teacher_probs(weak)[1])

@@ -16,7 +16,9 @@ from monai.utils import CommonKeys as Keys
 
 from custom.losses.distillation import SemanticDistillationLoss, VisualDistillationLoss
 from custom.losses.pseudo_label import EntropyGate
+from custom.teachers.cache import image_key
 from custom.teachers.generalized import GeneralizedTeacher
+from custom.teachers.prompts import Prompts
 from custom.teachers.targets import FUSION_KEY, VALID_KEY, distillation_targets, unfold_fusion
 
 
@@ -34,6 +36,13 @@ def _optimise(engine, loss: torch.Tensor, cuda_amp: bool) -> dict:
     engine.state.output[Keys.LOSS] = loss.detach()
     engine.fire_event(IterationEvents.MODEL_COMPLETED)
     return engine.state.output
+
+
+def _same_prompts(a: Prompts, b: Prompts) -> bool:
+    def same(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
+        return (x is None and y is None) or (x is not None and y is not None and torch.equal(x.cpu(), y.cpu()))
+
+    return same(a.valid, b.valid) and same(a.boxes, b.boxes) and same(a.points, b.points)
 
 
 def _plain(x) -> torch.Tensor:
@@ -154,6 +163,8 @@ class SemiSupervisedIteration:
         seed: seed of the spatial augmentation of the unlabelled stream.
         strong_key: key of the student's (strong) view in the unlabelled batch.
         distillation: stage 1's distillation, continued on the labelled batch (None: off).
+        reuse_generalized: keep each unlabelled image's generalized-teacher output in memory and reuse it
+            while the image's prompts stay exactly the same (same result, no decoder call).
     """
 
     def __init__(
@@ -165,6 +176,7 @@ class SemiSupervisedIteration:
         seed: int = 0,
         strong_key: str = "image_strong",
         distillation: DistillationIteration | None = None,
+        reuse_generalized: bool = True,
     ) -> None:
         if gate.teachers != "specialized" and generalized is None:
             raise ValueError(f"teachers={gate.teachers!r} needs the generalized teacher")
@@ -175,6 +187,10 @@ class SemiSupervisedIteration:
         self.generator = torch.Generator().manual_seed(seed)
         self.strong_key = strong_key
         self.distillation = distillation
+        self.reuse_generalized = reuse_generalized
+        self._generalized_memo: dict[str, tuple[Prompts, torch.Tensor]] = {}
+        self.generalized_calls = 0
+        self.generalized_reused = 0
 
     @torch.no_grad()
     def teacher_probs(self, weak: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -182,9 +198,32 @@ class SemiSupervisedIteration:
         spec = torch.softmax(self.specialized(weak).float(), 1)
         gen = None
         if self.generalized is not None:
-            prompts_from = spec.argmax(1, keepdim=True)  # the specialized teacher's current prediction
-            gen = self.generalized(weak, labels=prompts_from, with_fusion=False).probs.to(spec)
+            # prompts: boxes of the specialized teacher's current prediction
+            prompts = self.generalized.make_prompts(spec.argmax(1, keepdim=True))
+            gen = self._generalized_probs(weak, prompts).to(spec)
         return spec, gen
+
+    def _generalized_probs(self, weak: torch.Tensor, prompts: Prompts) -> torch.Tensor:
+        """The generalized teacher's class probabilities, reused when an image comes back with exactly
+        the same prompts (its output depends only on the image and the prompts, and the EMA teacher's
+        boxes stop changing as training settles); only the others go through the mask decoder."""
+        keys = [image_key(img) for img in weak] if self.reuse_generalized else [None] * len(weak)
+        probs: list[torch.Tensor | None] = [None] * len(weak)
+        for i, key in enumerate(keys):
+            hit = self._generalized_memo.get(key) if key is not None else None
+            if hit is not None and _same_prompts(hit[0], prompts[i : i + 1]):
+                probs[i] = hit[1].to(weak.device)
+                self.generalized_reused += 1
+        todo = [i for i, p in enumerate(probs) if p is None]
+        if todo:
+            index = torch.tensor(todo)
+            fresh = self.generalized(weak[index], prompts=prompts[index], with_fusion=False).probs
+            for j, i in enumerate(todo):
+                probs[i] = fresh[j]
+                if keys[i] is not None:
+                    self._generalized_memo[keys[i]] = (prompts[i : i + 1], fresh[j].to("cpu"))
+        self.generalized_calls += len(weak)
+        return torch.stack(probs)
 
     def __call__(self, engine, batch: dict) -> dict:
         device = engine.state.device
@@ -195,6 +234,7 @@ class SemiSupervisedIteration:
         threshold = float(getattr(engine.state, "gate_threshold", 0.0))
         unsup_weight = float(getattr(engine.state, "unsup_weight", 1.0))
 
+        reused_before = self.generalized_reused
         spec, gen = self.teacher_probs(weak)
         gated = self.gate(spec if self.gate.teachers != "generalized" else None, gen, threshold)
         strong, pseudo, mask = random_flip_rot90(
@@ -228,4 +268,6 @@ class SemiSupervisedIteration:
             **gated.stats(),
             **{f"loss_{k}": float(v.detach()) for k, v in distill.items()},
         )
+        if self.generalized is not None:
+            output["generalized_reused"] = (self.generalized_reused - reused_before) / len(weak)
         return _optimise(engine, loss, cuda_amp)
