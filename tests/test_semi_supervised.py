@@ -84,3 +84,17 @@ def test_generalized_output_is_reused_only_for_identical_prompts(lite_teacher):
             p.add_(torch.randn_like(p) * 0.5)
     changed = reusing.teacher_probs(weak)[1]
     assert torch.equal(changed, fresh.teacher_probs(weak)[1])
+
+
+def test_prompts_count_as_the_same_within_the_reuse_tolerance():
+    from custom.engines.uncol import same_prompts
+    from custom.teachers.prompts import Prompts
+
+    valid = torch.tensor([[True, False]])
+    boxes = torch.tensor([[[10.0, 12.0, 30.0, 40.0], [0.0, 0.0, 0.0, 0.0]]])
+    moved = boxes + torch.tensor([1.0, -1.0, 0.0, 1.0])
+    assert same_prompts(Prompts(valid, boxes), Prompts(valid, boxes))
+    assert not same_prompts(Prompts(valid, boxes), Prompts(valid, moved))  # exact by default
+    assert same_prompts(Prompts(valid, boxes), Prompts(valid, moved), tolerance=1.0)
+    assert not same_prompts(Prompts(valid, boxes), Prompts(valid, boxes + 2.0), tolerance=1.0)
+    assert not same_prompts(Prompts(valid, boxes), Prompts(~valid, boxes), tolerance=5.0)  # other classes

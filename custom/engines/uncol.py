@@ -38,11 +38,16 @@ def _optimise(engine, loss: torch.Tensor, cuda_amp: bool) -> dict:
     return engine.state.output
 
 
-def _same_prompts(a: Prompts, b: Prompts) -> bool:
-    def same(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
-        return (x is None and y is None) or (x is not None and y is not None and torch.equal(x.cpu(), y.cpu()))
+def same_prompts(a: Prompts, b: Prompts, tolerance: float = 0.0) -> bool:
+    """True when ``a`` and ``b`` prompt the same classes and no box edge or point moved by more than
+    ``tolerance`` pixels (0: identical)."""
 
-    return same(a.valid, b.valid) and same(a.boxes, b.boxes) and same(a.points, b.points)
+    def close(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
+        if x is None or y is None:
+            return x is None and y is None
+        return x.shape == y.shape and bool(((x.cpu().float() - y.cpu().float()).abs() <= tolerance).all())
+
+    return torch.equal(a.valid.cpu(), b.valid.cpu()) and close(a.boxes, b.boxes) and close(a.points, b.points)
 
 
 def _plain(x) -> torch.Tensor:
@@ -164,7 +169,10 @@ class SemiSupervisedIteration:
         strong_key: key of the student's (strong) view in the unlabelled batch.
         distillation: stage 1's distillation, continued on the labelled batch (None: off).
         reuse_generalized: keep each unlabelled image's generalized-teacher output in memory and reuse it
-            while the image's prompts stay exactly the same (same result, no decoder call).
+            while the image's prompts stay the same (no decoder call).
+        reuse_tolerance: pixels any box edge or point may move for the stored output still to count as
+            "the same prompts". 0 is exact; a pixel or two trades a slightly stale pseudo-label (the
+            prompts come from the EMA teacher's own, noisy boxes) for far fewer decoder calls.
     """
 
     def __init__(
@@ -177,6 +185,7 @@ class SemiSupervisedIteration:
         strong_key: str = "image_strong",
         distillation: DistillationIteration | None = None,
         reuse_generalized: bool = True,
+        reuse_tolerance: float = 0.0,
     ) -> None:
         if gate.teachers != "specialized" and generalized is None:
             raise ValueError(f"teachers={gate.teachers!r} needs the generalized teacher")
@@ -188,6 +197,7 @@ class SemiSupervisedIteration:
         self.strong_key = strong_key
         self.distillation = distillation
         self.reuse_generalized = reuse_generalized
+        self.reuse_tolerance = reuse_tolerance
         self._generalized_memo: dict[str, tuple[Prompts, torch.Tensor]] = {}
         self.generalized_calls = 0
         self.generalized_reused = 0
@@ -204,14 +214,14 @@ class SemiSupervisedIteration:
         return spec, gen
 
     def _generalized_probs(self, weak: torch.Tensor, prompts: Prompts) -> torch.Tensor:
-        """The generalized teacher's class probabilities, reused when an image comes back with exactly
-        the same prompts (its output depends only on the image and the prompts, and the EMA teacher's
-        boxes stop changing as training settles); only the others go through the mask decoder."""
+        """The generalized teacher's class probabilities, reused when an image comes back with the same
+        prompts (its output depends only on the image and the prompts, and the EMA teacher's boxes
+        settle as training goes on); only the others go through the mask decoder."""
         keys = [image_key(img) for img in weak] if self.reuse_generalized else [None] * len(weak)
         probs: list[torch.Tensor | None] = [None] * len(weak)
         for i, key in enumerate(keys):
             hit = self._generalized_memo.get(key) if key is not None else None
-            if hit is not None and _same_prompts(hit[0], prompts[i : i + 1]):
+            if hit is not None and same_prompts(hit[0], prompts[i : i + 1], self.reuse_tolerance):
                 probs[i] = hit[1].to(weak.device)
                 self.generalized_reused += 1
         todo = [i for i, p in enumerate(probs) if p is None]

@@ -1,0 +1,304 @@
+"""Label-ratio sweep: test Dice and HD95 of supervised-only, Mean Teacher, UnCoL (generalized teacher
+only) and UnCoL (both teachers) for several labelled fractions and seeds, through the bundle's configs.
+
+    python bench/sweep.py                      # the full 2D sweep (about an hour on 2 CPU cores)
+    python bench/sweep.py --dims 3             # the reduced 3D sweep
+    python bench/sweep.py --quick --out /tmp/q # one seed, tiny images and models: a smoke test
+    python bench/sweep.py --report-only        # rebuild results.md and the plot from the run JSONs
+
+Every run is stage 1 (``pretrain.json``) then stage 2 (``train.json``), same iterations for every
+method, then ``evaluate.json`` on the test split. Stage 1 is shared between the methods that start
+from the same one (no distillation for the baselines, both paths for UnCoL). With 100 % labels there
+is nothing unlabelled, so only supervised training runs there: the reference line.
+
+Each finished run writes one JSON (``<results>/runs/<dims>d/<fraction>_<method>_seed<k>.json``: the
+metrics, the overrides, seconds and commit); runs whose JSON exists are skipped, so an interrupted
+sweep resumes. The table in ``results.md`` and the plot are rebuilt from those JSONs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.report import replace_section  # noqa: E402
+
+CONFIGS = ROOT / "bundle" / "configs"
+DOCS = ROOT / "bundle" / "docs"
+TRAIN, PRETRAIN, EVALUATE = (str(CONFIGS / f) for f in ("train.json", "pretrain.json", "evaluate.json"))
+CLASSES = ("organ", "lesion")
+
+#: method -> stage 1 distillation and stage 2 overrides
+METHODS = {
+    "supervised": {"stage1": "none", "stage2": {"teachers": "specialized", "max_unsup_weight": 0.0}},
+    "mean_teacher": {"stage1": "none", "stage2": {"teachers": "specialized"}},
+    "uncol_generalized": {"stage1": "both", "stage2": {"teachers": "generalized"}},
+    "uncol": {"stage1": "both", "stage2": {"teachers": "both"}},
+}
+LABELS = {
+    "supervised": "supervised only",
+    "mean_teacher": "Mean Teacher",
+    "uncol_generalized": "UnCoL, generalized teacher only",
+    "uncol": "UnCoL (both teachers)",
+}
+
+#: size and budget per setting: dataset generator overrides, bundle overrides, epochs per stage
+SETTINGS = {
+    "2d": {
+        "data": {},
+        "bundle": {"spatial_dims": 2},
+        "epochs": 6,
+    },
+    "3d": {
+        "data": {"shape": [48, 48, 32], "num_train": 20, "num_validation": 4, "num_test": 8},
+        "bundle": {"spatial_dims": 3, "roi_size": [48, 48, 32], "batch_size": 2},
+        "epochs": 4,
+    },
+    "quick": {
+        "data": {"shape": [32, 32], "num_train": 8, "num_validation": 2, "num_test": 2},
+        "bundle": {
+            "spatial_dims": 2,
+            "roi_size": [32, 32],
+            "batch_size": 2,
+            "iterations_per_epoch": 2,
+            "val_interval": 1,
+            "network_def#hidden_size": 48,
+            "network_def#mlp_dim": 96,
+            "network_def#num_heads": 2,
+            "network_def#feature_size": 8,
+        },
+        "epochs": 1,
+    },
+}
+
+
+def commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True)
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+def run_name(fraction: float, method: str, seed: int) -> str:
+    return f"{fraction:g}_{method}_seed{seed}"
+
+
+def methods_for(fraction: float, methods: list[str]) -> list[str]:
+    """Semi-supervised methods need unlabelled cases: with every case labelled only supervised runs."""
+    return [m for m in methods if fraction < 1.0 or m == "supervised"]
+
+
+def warm_teacher_cache(overrides: dict) -> None:
+    """Encode every unlabelled image once, so that no timed stage 2 run pays for the cold cache."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update({"bundle_root": str(Path(overrides["dataset_dir"]).parent), **overrides})
+    parser.get_parsed_content("embedded_data")
+    teacher = parser.get_parsed_content("teacher_def")
+    for item in parser.get_parsed_content("train#unlabelled_dataset"):
+        teacher.encode(item["image"].as_tensor()[None])
+
+
+def run_one(setting: str, fraction: float, method: str, seed: int, work: Path, runs: Path) -> dict:
+    from monai.bundle import run
+
+    spec = SETTINGS[setting]
+    epochs = spec["epochs"]
+    dataset = work / "data" / f"fraction_{fraction:g}"
+    shared = {
+        "dataset_dir": str(dataset),
+        "seed": seed,
+        "config_dir": str(CONFIGS),
+        "teacher_cache_dir": str(work / "teacher_cache"),  # keyed by image content: shared by all runs
+        "embedded_data#labelled_fraction": fraction,
+        **{f"embedded_data#{k}": v for k, v in spec["data"].items()},
+        **spec["bundle"],
+        "pretrain_epochs": epochs,
+        "max_epochs": epochs,
+    }
+    stage1 = METHODS[method]["stage1"]
+    stage2 = dict(METHODS[method]["stage2"])
+    if fraction < 1.0 and not (dataset / "warm").is_file():
+        warm_teacher_cache(shared)
+        (dataset / "warm").touch()
+    if fraction >= 1.0:
+        stage2["unlabelled_key"] = "training"  # nothing is unlabelled; the pseudo-label weight is 0 anyway
+    seconds = {}
+    stage1_root = work / f"fraction_{fraction:g}" / f"seed{seed}" / f"stage1_{stage1}"
+    stage1_ckpt = stage1_root / "models" / "pretrain.pt"
+    if not stage1_ckpt.is_file():
+        start = time.perf_counter()
+        run("pretrain", config_file=[TRAIN, PRETRAIN], bundle_root=str(stage1_root), distillation=stage1, **shared)
+        (stage1_root / "seconds.txt").write_text(f"{time.perf_counter() - start:.1f}")
+    seconds["stage1"] = float((stage1_root / "seconds.txt").read_text())
+    root = work / f"fraction_{fraction:g}" / f"seed{seed}" / method
+    (root / "models").mkdir(parents=True, exist_ok=True)
+    shutil.copy(stage1_ckpt, root / "models" / "pretrain.pt")
+    start = time.perf_counter()
+    run("training", config_file=TRAIN, bundle_root=str(root), **shared, **stage2)
+    seconds["stage2"] = round(time.perf_counter() - start, 1)
+    run("evaluate", config_file=[TRAIN, EVALUATE], bundle_root=str(root), **shared)
+    report = json.loads((root / "eval" / "report" / "report.json").read_text())
+    result = {
+        "setting": setting,
+        "fraction": fraction,
+        "method": method,
+        "seed": seed,
+        "commit": commit(),
+        "seconds": seconds,
+        "stage1_overrides": {**shared, "distillation": stage1},
+        "stage2_overrides": {**shared, **stage2},
+        "metrics": report["metrics"],
+        "num_test_cases": report.get("num_cases"),
+    }
+    runs.mkdir(parents=True, exist_ok=True)
+    path = runs / f"{run_name(fraction, method, seed)}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
+    return result
+
+
+def load_runs(runs: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))]
+
+
+def summarise(results: list[dict]) -> dict:
+    """(fraction, method) -> {metric: {class: (mean, std, n)}} over seeds (of the per-run test means)."""
+    groups: dict[tuple[float, str], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["fraction"], r["method"]), []).append(r)
+    summary = {}
+    for key, group in groups.items():
+        summary[key] = {}
+        for metric in ("test_dice", "test_hd95"):
+            summary[key][metric] = {}
+            for cls in CLASSES:
+                values = [r["metrics"][metric][cls]["mean"] for r in group]
+                std = statistics.stdev(values) if len(values) > 1 else 0.0
+                summary[key][metric][cls] = (statistics.fmean(values), std, len(values))
+    return summary
+
+
+def table(summary: dict) -> str:
+    lines = [
+        "| labelled | method | organ Dice | lesion Dice | organ HD95 (mm) | lesion HD95 (mm) | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    order = list(METHODS)
+    for fraction, method in sorted(summary, key=lambda k: (k[0], order.index(k[1]))):
+        s = summary[(fraction, method)]
+        cells = [f"{s['test_dice'][c][0]:.3f} ± {s['test_dice'][c][1]:.3f}" for c in CLASSES]
+        cells += [f"{s['test_hd95'][c][0]:.1f} ± {s['test_hd95'][c][1]:.1f}" for c in CLASSES]
+        lines.append(
+            f"| {fraction:.0%} | {LABELS[method]} | " + " | ".join(cells) + f" | {s['test_dice']['organ'][2]} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CLASSES), figsize=(10, 4), sharex=True)
+    fractions = sorted({f for f, _ in summary})
+    for ax, cls in zip(axes, CLASSES, strict=True):
+        for method in METHODS:
+            points = [(f, summary[(f, method)]["test_dice"][cls]) for f in fractions if (f, method) in summary]
+            if not points:
+                continue
+            xs = [100 * f for f, _ in points]
+            ys = [s[0] for _, s in points]
+            err = [s[1] for _, s in points]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=LABELS[method])
+        ax.set_xscale("log")
+        ax.set_xticks([100 * f for f in fractions], [f"{f:.0%}" for f in fractions])
+        ax.set_xlabel("labelled training cases")
+        ax.set_ylabel("test Dice")
+        ax.set_title(cls)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report(setting: str, results_dir: Path, results_md: Path, seeds: list[int]) -> str:
+    runs = load_runs(results_dir / "runs" / setting)
+    if not runs:
+        raise SystemExit(f"error: {results_dir / 'runs' / setting}: no run results to report")
+    summary = summarise(runs)
+    png = results_dir / f"dice_vs_fraction_{setting}.png"
+    plot(summary, png, f"Test Dice vs labelled fraction ({setting}, mean ± std over seeds)")
+    first = runs[0]
+    budget = first["stage2_overrides"]
+    commits = sorted({r["commit"] for r in runs})
+    run_dir = results_dir / "runs" / setting
+    where = run_dir.relative_to(ROOT).as_posix() if run_dir.is_relative_to(ROOT) else str(run_dir)
+    seconds = statistics.fmean(r["seconds"]["stage1"] + r["seconds"]["stage2"] for r in runs)
+    text = "\n".join(
+        [
+            table(summary),
+            "",
+            f"![Dice vs labelled fraction]({png.relative_to(results_md.parent).as_posix()})",
+            "",
+            f"Produced by `python bench/sweep.py{' --dims 3' if setting == '3d' else ''}` at commit(s) "
+            f"{', '.join(commits)}; seeds {sorted({r['seed'] for r in runs})}; stage 1 "
+            f"{budget['pretrain_epochs']} and stage 2 {budget['max_epochs']} epochs of "
+            f"{budget.get('iterations_per_epoch', 25)} iterations; overrides per run in `{where}/`. "
+            f"Seconds per run (stage 1 + stage 2): {seconds:.0f} on average.",
+        ]
+    )
+    replace_section(results_md, f"sweep-{setting}", text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dims", type=int, choices=(2, 3), default=2)
+    parser.add_argument("--quick", action="store_true", help="one seed, tiny images and models (harness smoke test)")
+    parser.add_argument("--fractions", type=float, nargs="+", default=None)
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--out", default=str(ROOT / "bundle" / "eval" / "sweep"), help="training work folder")
+    parser.add_argument("--results", default=None, help="run JSONs and plots (default: bundle/docs/results)")
+    parser.add_argument("--results-md", default=None, help="page to write the table into (default: results.md)")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the table and plot from the run JSONs")
+    args = parser.parse_args(argv)
+    setting = "quick" if args.quick else f"{args.dims}d"
+    out = Path(args.out) / setting
+    results_dir = Path(args.results) if args.results else (out / "results" if args.quick else DOCS / "results")
+    results_md = Path(args.results_md) if args.results_md else (results_dir.parent / "results.md")
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    fractions = args.fractions or ([0.5, 1.0] if args.quick else [0.05, 0.1, 0.2, 1.0])
+    if not args.report_only:
+        start = time.perf_counter()
+        for fraction in fractions:
+            for seed in seeds:
+                for method in methods_for(fraction, args.methods):
+                    if (results_dir / "runs" / setting / f"{run_name(fraction, method, seed)}.json").is_file():
+                        continue
+                    run_one(setting, fraction, method, seed, out, results_dir / "runs" / setting)
+        print(f"sweep ({setting}) finished in {(time.perf_counter() - start) / 60:.1f} min")
+    print(report(setting, results_dir, results_md, seeds))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Audit stage 2's pseudo-labels against ground truth the training never sees.
+
+On the embedded data the unlabelled images keep hidden labels (``labelsTr/``), so what the entropy
+gate claims can be measured: are the voxels it keeps more often right than the ones it rejects, how
+right is each teacher where it supplies the label, and how often are both teachers confidently wrong
+(the case no entropy gate can catch).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+
+from custom.losses.pseudo_label import shannon_entropy
+
+logger = logging.getLogger(__name__)
+
+
+def _accuracy(pred: torch.Tensor, truth: torch.Tensor, where: torch.Tensor) -> float | None:
+    n = int(where.sum())
+    return float(((pred == truth) & where).sum() / n) if n else None
+
+
+def audit_pseudo_labels(
+    spec: torch.Tensor | None, gen: torch.Tensor | None, gated, truth: torch.Tensor, threshold: float
+) -> dict[str, float | None]:
+    """Scores of one gate decision ``gated`` (a :class:`~custom.losses.pseudo_label.GateResult`) made
+    from class probabilities ``spec``/``gen`` ``(B, C, *S)``, against class indices ``truth`` ``(B, *S)``.
+
+    ``*_fg`` scores count only voxels where the truth or the pseudo-label is foreground (the background
+    otherwise dominates every accuracy). ``both_confidently_wrong`` is the fraction of voxels where both
+    teachers are under the threshold and both wrong.
+    """
+    pseudo = gated.pseudo_label.reshape(truth.shape)
+    kept = gated.mask.reshape(truth.shape).bool()
+    fg = (truth > 0) | (pseudo > 0)
+    out: dict[str, float | None] = {
+        "threshold": threshold,
+        "kept": float(kept.float().mean()),
+        "kept_accuracy": _accuracy(pseudo, truth, kept),
+        "rejected_accuracy": _accuracy(pseudo, truth, ~kept),
+        "kept_accuracy_fg": _accuracy(pseudo, truth, kept & fg),
+        "rejected_accuracy_fg": _accuracy(pseudo, truth, ~kept & fg),
+    }
+    from_gen = gated.from_generalized.reshape(truth.shape).bool()
+    confident_wrong = []
+    for name, probs, supplied in (("specialized", spec, ~from_gen), ("generalized", gen, from_gen)):
+        if probs is None:
+            continue
+        pred = probs.argmax(1)
+        confident = shannon_entropy(probs)[:, 0] < threshold
+        teacher_fg = (truth > 0) | (pred > 0)
+        out[f"{name}_accuracy_fg"] = _accuracy(pred, truth, teacher_fg)
+        out[f"{name}_supplied_accuracy_fg"] = _accuracy(pred, truth, kept & supplied & teacher_fg)
+        out[f"{name}_confident_accuracy_fg"] = _accuracy(pred, truth, confident & teacher_fg)
+        confident_wrong.append(confident & (pred != truth))
+    if len(confident_wrong) == 2:
+        both = confident_wrong[0] & confident_wrong[1]
+        out["both_confidently_wrong"] = float(both.float().mean())
+        out["both_confidently_wrong_fg"] = float((both & fg).sum() / fg.sum().clamp_min(1))
+    return out
+
+
+class PseudoLabelAudit:
+    """Every ``interval`` iterations, run stage 2's teachers and gate on a fixed set of unlabelled images
+    and score them against their hidden labels; the records go to ``output_file`` (JSON lines) and
+    ``self.records``. Training is unaffected: the audit uses no randomness and changes no counters.
+
+    Args:
+        iteration: the :class:`~custom.engines.uncol.SemiSupervisedIteration` being trained.
+        images: ``(N, 1, *S)`` unlabelled images, preprocessed as the teachers' (weak) view.
+        labels: ``(N, 1, *S)`` or ``(N, *S)`` their hidden class indices.
+        interval: iterations between audits (also run once at the end).
+        output_file: JSON-lines file; ``None`` keeps the records in memory only.
+    """
+
+    def __init__(
+        self,
+        iteration,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        interval: int = 50,
+        output_file: str | Path | None = None,
+    ) -> None:
+        self.iteration = iteration
+        self.images = images
+        self.labels = labels[:, 0] if labels.ndim == images.ndim else labels
+        self.interval = interval
+        self.output_file = Path(output_file) if output_file is not None else None
+        self.records: list[dict] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    @torch.no_grad()
+    def __call__(self, engine: Engine) -> None:
+        if self.records and self.records[-1]["iteration"] == engine.state.iteration:
+            return  # the last interval coincided with the end
+        it = self.iteration
+        counters = (it.generalized_calls, it.generalized_reused)
+        device = engine.state.device
+        threshold = float(getattr(engine.state, "gate_threshold", 0.0))
+        spec, gen = it.teacher_probs(self.images.to(device))
+        it.generalized_calls, it.generalized_reused = counters
+        gated = it.gate(spec if it.gate.teachers != "generalized" else None, gen, threshold)
+        record = {"iteration": engine.state.iteration}
+        record.update(audit_pseudo_labels(spec, gen, gated, self.labels.to(device).long(), threshold))
+        self.records.append(record)
+        if self.output_file is not None:
+            self.output_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.output_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        logger.info(
+            "pseudo-label audit at iteration %d: kept %.3f, accuracy on kept / rejected foreground %s / %s",
+            engine.state.iteration,
+            record["kept"],
+            record["kept_accuracy_fg"],
+            record["rejected_accuracy_fg"],
+        )
