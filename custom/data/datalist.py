@@ -21,13 +21,83 @@ class DatalistError(ValueError):
     """A datalist, or a file it names, that cannot be used; the message names the file and the problem."""
 
 
+#: image files inference picks up in a folder (NIfTI by nibabel; NRRD and MetaImage by ITK)
+IMAGE_PATTERNS = ("*.nii.gz", "*.nii", "*.nrrd", "*.nhdr", "*.mha", "*.mhd")
+
+
 def _read_array(path: str) -> np.ndarray:
     """Read an image fully (a truncated file fails here, not later in a data loader worker)."""
     if path.endswith((".nii", ".nii.gz")):
         return np.asanyarray(nib.load(path).dataobj)
     from monai.transforms import LoadImage
 
+    if Path(path).is_dir():
+        check_dicom_series(path)
+        return np.asarray(LoadImage(image_only=True, reader="ITKReader")(path))
     return np.asarray(LoadImage(image_only=True)(path))
+
+
+def _is_dicom_file(path: Path) -> bool:
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def dicom_files(folder: str | Path) -> list[Path]:
+    """The DICOM files directly inside ``folder`` (by ``.dcm`` suffix or the ``DICM`` preamble)."""
+    folder = Path(folder)
+    return sorted(f for f in folder.iterdir() if f.is_file() and _is_dicom_file(f)) if folder.is_dir() else []
+
+
+def check_dicom_series(folder: str | Path, rel_tol: float = 0.01) -> None:
+    """One series per folder, slices on a regular grid: raise :class:`DatalistError` for mixed series,
+    differing orientation or pixel spacing, duplicated positions, a missing slice or uneven spacing.
+    (ITK's series reader would otherwise stack such a folder silently into a wrong volume.)"""
+    import pydicom
+
+    folder = Path(folder)
+    files = dicom_files(folder)
+    if not files:
+        raise DatalistError(f"{folder}: folder has no DICOM files")
+    headers = []
+    for f in files:
+        try:
+            headers.append(pydicom.dcmread(f, stop_before_pixels=True))
+        except Exception as err:
+            raise DatalistError(f"{f}: cannot read DICOM header ({type(err).__name__}: {err})") from err
+    series = {str(h.get("SeriesInstanceUID", "")) for h in headers}
+    if len(series) > 1:
+        raise DatalistError(f"{folder}: folder mixes {len(series)} DICOM series; put each series in its own folder")
+    if len(headers) == 1:
+        return
+    for name in ("ImageOrientationPatient", "PixelSpacing"):
+        values = {tuple(round(float(v), 4) for v in h.get(name, [])) for h in headers}
+        if len(values) > 1:
+            raise DatalistError(f"{folder}: slices differ in {name} ({sorted(values)[:3]})")
+    orientation = np.array([float(v) for v in headers[0].get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])])
+    normal = np.cross(orientation[:3], orientation[3:])
+    try:
+        positions = sorted(float(np.dot(normal, [float(v) for v in h.ImagePositionPatient])) for h in headers)
+    except AttributeError as err:
+        raise DatalistError(f"{folder}: a slice has no ImagePositionPatient") from err
+    gaps = np.diff(positions)
+    if (gaps < 1e-6).any():
+        raise DatalistError(f"{folder}: two slices share a position (duplicated slice)")
+    step = float(np.median(gaps))
+    if (gaps > 1.5 * step).any():
+        missing = int(np.argmax(gaps > 1.5 * step))
+        raise DatalistError(
+            f"{folder}: a slice is missing after position {positions[missing]:.2f} mm "
+            f"(gap {gaps[missing]:.2f} mm, spacing {step:.2f} mm)"
+        )
+    if (np.abs(gaps - step) > rel_tol * step).any():
+        raise DatalistError(
+            f"{folder}: inconsistent slice spacing ({gaps.min():.3f} to {gaps.max():.3f} mm along the slice normal)"
+        )
 
 
 def _read_checked(path: str, role: str) -> np.ndarray:
@@ -118,16 +188,19 @@ def load_datalist(
     return items
 
 
-def find_images(path: str | Path, patterns: tuple[str, ...] = ("*.nii.gz", "*.nii")) -> list[dict]:
-    """Images to segment: a single file, or every file in a folder matching ``patterns`` (sorted).
-    Each is read once to check it, so a broken file stops the run before any inference."""
+def find_images(path: str | Path, patterns: tuple[str, ...] = IMAGE_PATTERNS) -> list[dict]:
+    """Images to segment: a single file, a DICOM series folder, or a folder of files matching
+    ``patterns`` and of DICOM series subfolders (sorted). Each is read once to check it, so a broken
+    file stops the run before any inference."""
     path = Path(path)
-    if path.is_file():
+    if path.is_file() or dicom_files(path):
         files = [path]
     elif path.is_dir():
-        files = sorted({f for pattern in patterns for f in path.glob(pattern)})
+        found = {f for pattern in patterns for f in path.glob(pattern)}
+        found |= {d for d in path.iterdir() if d.is_dir() and dicom_files(d)}
+        files = sorted(found)
         if not files:
-            raise DatalistError(f"{path}: folder has no images matching {list(patterns)}")
+            raise DatalistError(f"{path}: folder has no images matching {list(patterns)} and no DICOM series folders")
     else:
         raise DatalistError(f"{path}: input does not exist")
     for f in files:
