@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TRAIN := bundle/configs/train.json
 BUNDLE_RUN := $(PY) -m monai.bundle run
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format clean bundle
 
 # torch + torchvision first and on their own (pinned pair), then everything else under the lock file.
 $(STAMP): requirements-torch.txt requirements.txt requirements-dev.txt constraints.txt
@@ -33,6 +33,11 @@ demo: install
 		"UnCoL (stage 2)=bundle/eval/report/report.json" && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s; segmentations in bundle/eval/segmentations, reports in bundle/eval/"
 
+# Self-contained model-zoo style bundle (configs, docs, custom/ code, trained weights + TorchScript):
+# dist/uncol_monai/ and dist/uncol_monai.zip. Run `make demo` (or your own training) first for weights.
+bundle: install
+	$(PY) scripts/make_bundle.py --out dist
+
 test: install
 	$(PY) -m pytest -q tests
 
@@ -43,4 +48,4 @@ format: install
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
 clean:
-	rm -rf bundle/eval bundle/data bundle/models/*.pt
+	rm -rf bundle/eval bundle/data bundle/models/*.pt dist
