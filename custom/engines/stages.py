@@ -32,6 +32,8 @@ def load_stage1(
 
         logger.info(f"no stage 1 checkpoint at {checkpoint}: running stage 1 (pretrain) first")
         run("pretrain", config_file=list(pretrain_configs), **(overrides or {}))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # rank 0 writes the checkpoint; the others wait for it
         if not checkpoint.is_file():
             raise SystemExit(f"error: {checkpoint}: stage 1 finished without writing its checkpoint")
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
