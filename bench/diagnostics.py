@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -223,7 +224,7 @@ def summary(payload: dict, audit_png: Path, reliability_png: Path, page: Path) -
     first, last = payload["audit"][0], payload["audit"][-1]
     calib = payload["calibration"]
     val = calib["validation_gate"]
-    rel = lambda p: p.relative_to(page.parent).as_posix() if p.is_relative_to(page.parent) else str(p)  # noqa: E731
+    rel = lambda p: Path(os.path.relpath(p, page.parent)).as_posix()  # noqa: E731
     lines = [
         f"Pseudo-labels on {payload['args']['audit_images']} unlabelled images scored against their hidden labels "
         f"every {payload['args']['audit_every']} iterations ({payload['args']['fraction']:.0%} labels, seed "

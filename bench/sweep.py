@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -218,15 +219,17 @@ def plot(summary: dict, path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, len(CLASSES), figsize=(10, 4), sharex=True)
     fractions = sorted({f for f, _ in summary})
     for ax, cls in zip(axes, CLASSES, strict=True):
-        for method in METHODS:
+        for i, method in enumerate(METHODS):
             points = [(f, summary[(f, method)]["test_dice"][cls]) for f in fractions if (f, method) in summary]
             if not points:
                 continue
-            xs = [100 * f for f, _ in points]
+            dodge = 1 + 0.04 * (i - (len(METHODS) - 1) / 2)  # keep the error bars apart
+            xs = [100 * f * dodge for f, _ in points]
             ys = [s[0] for _, s in points]
             err = [s[1] for _, s in points]
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=LABELS[method])
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks([100 * f for f in fractions], [f"{f:.0%}" for f in fractions])
         ax.set_xlabel("labelled training cases")
         ax.set_ylabel("test Dice")
@@ -257,7 +260,7 @@ def report(setting: str, results_dir: Path, results_md: Path, seeds: list[int]) 
         [
             table(summary),
             "",
-            f"![Dice vs labelled fraction]({png.relative_to(results_md.parent).as_posix()})",
+            f"![Dice vs labelled fraction]({Path(os.path.relpath(png, results_md.parent)).as_posix()})",
             "",
             f"Produced by `python bench/sweep.py{' --dims 3' if setting == '3d' else ''}` at commit(s) "
             f"{', '.join(commits)}; seeds {sorted({r['seed'] for r in runs})}; stage 1 "
