@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     parser_.add_argument("--seed", type=int, default=0)
     parser_.add_argument("--out", default=str(ROOT / "bundle" / "eval" / "diagnostics"))
     parser_.add_argument("--stage1", default=None, help="folder holding models/pretrain.pt (stage 1, both paths)")
+    parser_.add_argument("--teacher-cache", default=None, help="encoder cache folder (default: <out>/teacher_cache)")
     parser_.add_argument("--audit-every", type=int, default=20)
     parser_.add_argument("--audit-images", type=int, default=16)
     parser_.add_argument("--results", default=str(DOCS / "results"))
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         "dataset_dir": str(out / "data"),
         "seed": args.seed,
         "config_dir": str(CONFIGS),
-        "teacher_cache_dir": str(out / "teacher_cache"),
+        "teacher_cache_dir": args.teacher_cache or str(out / "teacher_cache"),
         "embedded_data#labelled_fraction": args.fraction,
         **{f"embedded_data#{k}": v for k, v in spec["data"].items()},
         **spec["bundle"],
