@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -188,9 +189,11 @@ def summarise(results: list[dict]) -> dict:
         for metric in ("test_dice", "test_hd95"):
             summary[key][metric] = {}
             for cls in CLASSES:
-                values = [r["metrics"][metric][cls]["mean"] for r in group]
+                # a run whose student never predicts the class has no finite HD95: left out, and counted
+                values = [v for r in group if math.isfinite(v := r["metrics"][metric][cls]["mean"])]
+                mean = statistics.fmean(values) if values else float("nan")
                 std = statistics.stdev(values) if len(values) > 1 else 0.0
-                summary[key][metric][cls] = (statistics.fmean(values), std, len(values))
+                summary[key][metric][cls] = (mean, std, len(values))
     return summary
 
 
@@ -203,10 +206,11 @@ def table(summary: dict) -> str:
     for fraction, method in sorted(summary, key=lambda k: (k[0], order.index(k[1]))):
         s = summary[(fraction, method)]
         cells = [f"{s['test_dice'][c][0]:.3f} ± {s['test_dice'][c][1]:.3f}" for c in CLASSES]
-        cells += [f"{s['test_hd95'][c][0]:.1f} ± {s['test_hd95'][c][1]:.1f}" for c in CLASSES]
-        lines.append(
-            f"| {fraction:.0%} | {LABELS[method]} | " + " | ".join(cells) + f" | {s['test_dice']['organ'][2]} |"
-        )
+        runs = s["test_dice"]["organ"][2]
+        for c in CLASSES:
+            mean, std, n = s["test_hd95"][c]
+            cells.append(f"{mean:.1f} ± {std:.1f}" + (f" ({n} of {runs} runs)" if n < runs else ""))
+        lines.append(f"| {fraction:.0%} | {LABELS[method]} | " + " | ".join(cells) + f" | {runs} |")
     return "\n".join(lines)
 
 
