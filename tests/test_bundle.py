@@ -206,3 +206,29 @@ def test_inference_and_training_build_the_same_network():
     assert train["network_def"] == infer["network_def"]
     for key in ("spatial_dims", "num_classes", "axcodes", "pixdim", "roi_size"):
         assert train[key] == infer[key], key
+
+
+def test_training_killed_mid_run_resumes_from_its_last_epoch(tmp_path):
+    """SIGKILL a real training process after its second epoch's checkpoint, then resume it with one flag."""
+    import os
+    import signal
+    import time
+
+    overrides = {**tiny_train_overrides(tmp_path), "max_epochs": 8}
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", _cli_value(value)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    models = tmp_path / "models"
+    deadline = time.time() + 600
+    while not list(models.glob("checkpoint_epoch=[2-7].pt")):
+        assert proc.poll() is None and time.time() < deadline, "training ended or stalled before epoch 2"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (models / "stage2_last.pt").exists()  # killed: no end-of-run state
+    resumed = _cli("training", [TRAIN], {**overrides, "resume": "True"})
+    log = resumed.stdout + resumed.stderr
+    assert "resuming from" in log and "Epoch[1] Complete" not in log and "Epoch[8] Complete" in log
+    state = torch.load(models / "stage2_last.pt", map_location="cpu", weights_only=True)
+    assert state["trainer"]["iteration"] == 8 * 2 and state["trainer"]["max_epochs"] == 8
