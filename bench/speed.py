@@ -54,7 +54,8 @@ def _peak_mib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _timed(fn, steps: int, device) -> float:
+def median_seconds(fn, steps: int, device) -> float:
+    """Median wall time of ``fn()`` over ``steps`` calls (synchronising CUDA around each)."""
     import torch
 
     times = []
@@ -132,7 +133,7 @@ def run_train_setting(name: str, steps: int) -> dict:
         step()  # warm-up (and the cache's first visit)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        seconds = _timed(step, steps, device)
+        seconds = median_seconds(step, steps, device)
     return {"seconds": seconds, "peak_mib": _peak_mib(device), "device": str(device)}
 
 
@@ -175,7 +176,7 @@ def run_infer_setting(name: str, steps: int) -> dict:
     infer()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    seconds = _timed(infer, max(1, steps // 3), device)
+    seconds = median_seconds(infer, max(1, steps // 3), device)
     items = len(data)
     return {
         "seconds": seconds,

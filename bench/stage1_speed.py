@@ -10,9 +10,7 @@ computed once per un-augmented image (what bundle/configs/pretrain.json does).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from monai.losses import DiceCELoss  # noqa: E402
 
+from bench.speed import median_seconds  # noqa: E402
 from custom.data.phantoms import PhantomConfig, make_case  # noqa: E402
 from custom.engines.uncol import DistillationIteration  # noqa: E402
 from custom.losses.distillation import SemanticDistillationLoss, VisualDistillationLoss  # noqa: E402
@@ -78,16 +77,7 @@ def main() -> None:
     for mode in ("supervised", "distill, no cache", "distill, cache"):
         step = make(mode)
         step()  # warm-up
-        times = []
-        for _ in range(args.steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        results[mode] = statistics.median(times)
+        results[mode] = median_seconds(step, args.steps, device)
     base = results["supervised"]
     print(f"device {device}, {torch.get_num_threads()} threads, batch {args.batch} x 128x128, {args.steps} steps each")
     for mode, t in results.items():
