@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import replace_section  # noqa: E402
-from bench.sweep import SETTINGS, commit  # noqa: E402
+from bench.sweep import commit, setting_overrides  # noqa: E402
 
 CONFIGS = ROOT / "bundle" / "configs"
 TRAIN, PRETRAIN = str(CONFIGS / "train.json"), str(CONFIGS / "pretrain.json")
@@ -166,20 +166,13 @@ def main(argv: list[str] | None = None) -> None:
     parser_.add_argument("--results-md", default=str(DOCS / "results.md"))
     parser_.add_argument("--quick", action="store_true", help="tiny images, models and budget (smoke test)")
     args = parser_.parse_args(argv)
-    spec = SETTINGS["quick" if args.quick else "2d"]
+    setting = "quick" if args.quick else "2d"
     out, results = Path(args.out), Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
+    cache = Path(args.teacher_cache) if args.teacher_cache else out / "teacher_cache"
     overrides = {
         "bundle_root": str(out),
-        "dataset_dir": str(out / "data"),
-        "seed": args.seed,
-        "config_dir": str(CONFIGS),
-        "teacher_cache_dir": args.teacher_cache or str(out / "teacher_cache"),
-        "embedded_data#labelled_fraction": args.fraction,
-        **{f"embedded_data#{k}": v for k, v in spec["data"].items()},
-        **spec["bundle"],
-        "pretrain_epochs": spec["epochs"],
-        "max_epochs": spec["epochs"],
+        **setting_overrides(setting, args.fraction, args.seed, out / "data", cache),
         "teachers": "both",
     }
     ckpt = out / "models" / "pretrain.pt"

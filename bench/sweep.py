@@ -114,23 +114,28 @@ def warm_teacher_cache(overrides: dict) -> None:
         teacher.encode(item["image"].as_tensor()[None])
 
 
-def run_one(setting: str, fraction: float, method: str, seed: int, work: Path, runs: Path) -> dict:
-    from monai.bundle import run
-
+def setting_overrides(setting: str, fraction: float, seed: int, dataset: Path, teacher_cache: Path) -> dict:
+    """Bundle overrides shared by both stages of a run: data, size, budget, seed, teacher cache."""
     spec = SETTINGS[setting]
-    epochs = spec["epochs"]
-    dataset = work / "data" / f"fraction_{fraction:g}"
-    shared = {
+    return {
         "dataset_dir": str(dataset),
         "seed": seed,
         "config_dir": str(CONFIGS),
-        "teacher_cache_dir": str(work / "teacher_cache"),  # keyed by image content: shared by all runs
+        "teacher_cache_dir": str(teacher_cache),
         "embedded_data#labelled_fraction": fraction,
         **{f"embedded_data#{k}": v for k, v in spec["data"].items()},
         **spec["bundle"],
-        "pretrain_epochs": epochs,
-        "max_epochs": epochs,
+        "pretrain_epochs": spec["epochs"],
+        "max_epochs": spec["epochs"],
     }
+
+
+def run_one(setting: str, fraction: float, method: str, seed: int, work: Path, runs: Path) -> dict:
+    from monai.bundle import run
+
+    dataset = work / "data" / f"fraction_{fraction:g}"
+    # the teacher cache is keyed by image content: shared by all runs
+    shared = setting_overrides(setting, fraction, seed, dataset, work / "teacher_cache")
     stage1 = METHODS[method]["stage1"]
     stage2 = dict(METHODS[method]["stage2"])
     if fraction < 1.0 and not (dataset / "warm").is_file():
