@@ -80,7 +80,7 @@ def test_training_resumes_from_its_last_checkpoint(trained, tmp_path):
     assert "running stage 1" not in log
     state = torch.load(root / "models" / "stage2_last.pt", map_location="cpu", weights_only=True)
     assert state["trainer"]["iteration"] == 6 and state["trainer"]["max_epochs"] == 3
-    assert set(state) == {"model", "ema", "optimizer", "lr_scheduler", "trainer"}
+    assert set(state) == {"model", "ema", "optimizer", "lr_scheduler", "trainer", "best_checkpoint"}
 
 
 @pytest.mark.parametrize("teachers", ["specialized", "generalized"])
@@ -230,5 +230,10 @@ def test_training_killed_mid_run_resumes_from_its_last_epoch(tmp_path):
     resumed = _cli("training", [TRAIN], {**overrides, "resume": "True"})
     log = resumed.stdout + resumed.stderr
     assert "resuming from" in log and "Epoch[1] Complete" not in log and "Epoch[8] Complete" in log
+    assert f"the last 3 training states in {models}/checkpoint_epoch=N.pt" in log
+    assert f"the best model in {models}/model.pt" in log
     state = torch.load(models / "stage2_last.pt", map_location="cpu", weights_only=True)
     assert state["trainer"]["iteration"] == 8 * 2 and state["trainer"]["max_epochs"] == 8
+    assert sorted(p.name for p in models.glob("checkpoint_epoch=*.pt")) == [
+        f"checkpoint_epoch={n}.pt" for n in (6, 7, 8)
+    ]

@@ -40,16 +40,3 @@ def load_stage1(
     network.load_state_dict(state, strict=True)
     logger.info(f"stage 2 starts from the stage 1 student {checkpoint}")
     return network
-
-
-def latest_checkpoint(ckpt_dir: str | Path, final_name: str = "stage2_last.pt", prefix: str = "checkpoint") -> str:
-    """The newest full training state in ``ckpt_dir``: the end-of-run ``final_name`` or, after a crash or
-    a kill, the last per-epoch ``<prefix>_epoch=N.pt``. Both are written atomically (temporary file, then
-    rename), so the newest one is always complete."""
-    ckpt_dir = Path(ckpt_dir)
-    candidates = [p for p in [ckpt_dir / final_name, *ckpt_dir.glob(f"{prefix}_epoch=*.pt")] if p.is_file()]
-    if not candidates:
-        raise SystemExit(f"error: {ckpt_dir}: no training state to resume from ({final_name} or {prefix}_epoch=N.pt)")
-    newest = max(candidates, key=lambda p: p.stat().st_mtime_ns)
-    logger.info(f"resuming from {newest}")
-    return str(newest)

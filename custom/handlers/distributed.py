@@ -65,6 +65,8 @@ class AverageGradients:
 
 
 def rank_zero_only(handlers: Sequence, is_rank0: bool, kinds: Sequence[str] = ()) -> list:
-    """``handlers`` without those whose class name is in ``kinds`` unless this is rank 0 (logging,
-    progress bars and checkpoint writing happen once, not once per process)."""
-    return [h for h in handlers if h is not None and (is_rank0 or type(h).__name__ not in kinds)]
+    """``handlers`` without those whose class or a base class is named in ``kinds`` unless this is rank 0
+    (logging, progress bars and checkpoint writing happen once, not once per process)."""
+    return [
+        h for h in handlers if h is not None and (is_rank0 or not {c.__name__ for c in type(h).__mro__} & set(kinds))
+    ]

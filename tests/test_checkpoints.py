@@ -1,0 +1,161 @@
+"""Checkpoints survive kills: atomic writes, the last K states kept across a resume, the best model kept."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+
+from custom.handlers.checkpoints import AtomicCheckpointSaver, latest_checkpoint, numbered_checkpoints, save_atomically
+
+# A child process that starts writing ``state`` to the path in argv[1] and hangs inside the write,
+# halfway through pickling (after touching argv[1] + ".inside"), until it is killed.
+KILLED_WRITER = textwrap.dedent(
+    """
+    import sys, time, torch
+    from custom.handlers.checkpoints import save_atomically
+
+    class HangsWhilePickled:
+        def __reduce__(self):
+            open(sys.argv[1] + ".inside", "w").close()
+            time.sleep(600)
+
+    state = {"weights": torch.ones(1000), "never": HangsWhilePickled()}
+    if sys.argv[2] == "atomic":
+        save_atomically(state, sys.argv[1])
+    else:
+        torch.save(state, sys.argv[1])
+    """
+)
+
+
+def _kill_during_write(path, mode: str) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path), mode], cwd=os.getcwd())
+    inside = path.with_name(path.name + ".inside")
+    deadline = time.time() + 120
+    while not inside.is_file():
+        assert proc.poll() is None and time.time() < deadline, "the writer never started writing"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_a_kill_during_an_atomic_write_leaves_the_previous_checkpoint_intact(tmp_path):
+    path = tmp_path / "stage2_last.pt"
+    save_atomically({"epoch": torch.tensor(3)}, path)
+    _kill_during_write(path, "atomic")
+    assert torch.load(path, weights_only=True)["epoch"] == 3
+    assert (tmp_path / ".stage2_last.pt.partial").is_file()  # the unfinished write, never under the real name
+
+
+def test_a_kill_during_a_plain_torch_save_corrupts_the_file(tmp_path):
+    """What the atomic write protects against: the same kill in a plain ``torch.save`` loses the file."""
+    path = tmp_path / "stage2_last.pt"
+    torch.save({"epoch": torch.tensor(3)}, path)
+    _kill_during_write(path, "plain")
+    with pytest.raises(Exception):  # noqa: B017 - torch raises different errors for different truncations
+        torch.load(path, weights_only=True)
+
+
+def _epoch_trainer(model: torch.nn.Module) -> Engine:
+    def step(engine, batch):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        return 0.0
+
+    return Engine(step)
+
+
+def test_last_k_states_are_kept_across_a_resume_and_their_place_is_logged(tmp_path, caplog):
+    model = torch.nn.Linear(1, 1, bias=False)
+    (tmp_path / ".checkpoint_epoch=9.pt.partial").write_bytes(b"half a file")
+
+    def saver():
+        return AtomicCheckpointSaver(
+            str(tmp_path),
+            {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)},
+            save_interval=1,
+            n_saved=2,
+            save_final=True,
+            final_filename="stage2_last.pt",
+        )
+
+    first = _epoch_trainer(model)
+    saver().attach(first)
+    with caplog.at_level(logging.INFO, logger="custom.handlers.checkpoints"):
+        first.run(range(2), max_epochs=4)
+    assert f"the last 2 training states in {tmp_path}/checkpoint_epoch=N.pt" in caplog.text
+    assert f"the end-of-run state in {tmp_path}/stage2_last.pt" in caplog.text
+    assert "an unfinished checkpoint write from a killed run" in caplog.text
+    assert not list(tmp_path.glob(".*.partial"))
+    assert [n for n, _ in numbered_checkpoints(tmp_path)] == [3, 4]
+
+    # a new process resumes at epoch 4 and keeps going: the old run's files count towards the last 2
+    second = _epoch_trainer(model)
+    saver().attach(second)
+    second.state.epoch, second.state.iteration = 4, 8
+    second.run(range(2), max_epochs=7)
+    assert [n for n, _ in numbered_checkpoints(tmp_path)] == [6, 7]
+    last = torch.load(tmp_path / "checkpoint_epoch=7.pt", weights_only=True)
+    assert last["model"]["weight"].item() == pytest.approx(model.weight.item())
+
+
+def _evaluator_with_scores(scores: list[float]) -> Engine:
+    evaluator = Engine(lambda engine, batch: None)
+
+    @evaluator.on(Events.EPOCH_COMPLETED)
+    def score(engine):
+        engine.state.metrics["val_mean_dice"] = scores[engine.state.epoch - 1]
+
+    return evaluator
+
+
+def test_the_best_model_is_only_replaced_by_a_better_one_after_a_resume(tmp_path):
+    model = torch.nn.Linear(1, 1, bias=False)
+
+    def best_saver():
+        return AtomicCheckpointSaver(
+            str(tmp_path),
+            {"model": model},
+            save_key_metric=True,
+            key_metric_name="val_mean_dice",
+            key_metric_filename="model.pt",
+        )
+
+    before = best_saver()
+    evaluator = _evaluator_with_scores([0.5, 0.8])
+    before.attach(evaluator)
+    evaluator.run(range(1), max_epochs=2)
+    best_weight = torch.load(tmp_path / "model.pt", weights_only=True)["weight"].clone()
+    resumed_state = before.state_dict()  # saved with the training state
+
+    with torch.no_grad():
+        model.weight.fill_(123.0)
+    after = best_saver()
+    after.load_state_dict(resumed_state)
+    evaluator = _evaluator_with_scores([0.6])
+    after.attach(evaluator)
+    evaluator.run(range(1), max_epochs=1)  # 0.6 < 0.8: model.pt must stay the 0.8 model
+    assert torch.equal(torch.load(tmp_path / "model.pt", weights_only=True)["weight"], best_weight)
+
+
+def test_resume_skips_an_unreadable_newest_state_and_says_which(tmp_path, caplog):
+    save_atomically({"trainer": {"epoch": 2}}, tmp_path / "checkpoint_epoch=2.pt")
+    time.sleep(0.01)
+    (tmp_path / "checkpoint_epoch=3.pt").write_bytes(b"PK\x03\x04 truncated")
+    with caplog.at_level(logging.WARNING, logger="custom.handlers.checkpoints"):
+        assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=2.pt")
+    assert "checkpoint_epoch=3.pt: cannot be read" in caplog.text
+
+
+def test_resume_without_any_state_stops_with_the_directory_named(tmp_path):
+    with pytest.raises(SystemExit, match=f"{tmp_path}: no training state to resume from"):
+        latest_checkpoint(tmp_path)
