@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from custom.teachers.cache import EncoderCache, fingerprint, image_key
 from custom.teachers.foundation import build_foundation_model, file_sha256
+from custom.teachers.mask_decoder import decode_masks
 from custom.teachers.prompts import Prompts, prompts_from_labels
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -147,7 +148,6 @@ class GeneralizedTeacher(nn.Module):
         self._captured: dict[str, torch.Tensor] = {}
         for i in self.feature_indices:
             stages[i].register_forward_hook(self._capture(f"enc{i}"))
-        self.model.mask_decoder.transformer.register_forward_hook(self._capture("fusion"))
 
     # -- frozen for good ------------------------------------------------------------------------
     def train(self, mode: bool = True) -> GeneralizedTeacher:
@@ -253,37 +253,28 @@ class GeneralizedTeacher(nn.Module):
     def decode(
         self, embedding: torch.Tensor, prompts: Prompts, size: tuple[int, int], with_fusion: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-class mask probabilities ``(B, C, H, W)`` and fusion features ``(B, C, 256, h, w)``."""
+        """Per-class mask probabilities ``(B, C, H, W)`` and fusion features ``(B, C, 256, h, w)``; every
+        valid (image, class) prompt of the batch goes through the mask decoder in one call."""
         b, c = prompts.valid.shape
         h, w = size
-        scale = torch.tensor(
-            [self._resized_size(h, w)[1] / w, self._resized_size(h, w)[0] / h], device=embedding.device
-        )
         mask_probs = embedding.new_zeros(b, c, h, w)
         fusion = embedding.new_zeros(b, c, *embedding.shape[1:]) if with_fusion else None
+        images, classes = torch.nonzero(prompts.valid.to(embedding.device), as_tuple=True)
+        if images.numel() == 0:
+            return mask_probs, fusion
+        nh, nw = self._resized_size(h, w)
+        scale = torch.tensor([nw / w, nh / h], device=embedding.device)
+        boxes = None if prompts.boxes is None else prompts.boxes.to(embedding)[images, classes] * scale.repeat(2)
+        points = None
+        if prompts.points is not None:
+            coords = (prompts.points.to(embedding)[images, classes] * scale)[:, None]
+            points = (coords, torch.ones(len(images), 1, device=embedding.device))
+        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=None)
         pe = self.model.prompt_encoder.get_dense_pe()
-        for i in range(b):
-            ks = torch.nonzero(prompts.valid[i]).flatten()
-            if ks.numel() == 0:
-                continue
-            boxes = None if prompts.boxes is None else prompts.boxes[i, ks].to(embedding) * scale.repeat(2)
-            points = None
-            if prompts.points is not None:
-                coords = (prompts.points[i, ks].to(embedding) * scale)[:, None]
-                points = (coords, torch.ones(len(ks), 1, device=embedding.device))
-            sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=None)
-            self._captured.pop("fusion", None)
-            low_res, _ = self.model.mask_decoder(
-                image_embeddings=embedding[i : i + 1],
-                image_pe=pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-            )
-            mask_probs[i, ks] = torch.sigmoid(self.postprocess(low_res, size))[:, 0]
-            if fusion is not None:
-                src = self._captured["fusion"][1]  # (n_prompts, h*w, 256) image tokens after two-way attention
-                fusion[i, ks] = src.transpose(1, 2).reshape(len(ks), *embedding.shape[1:])
+        low_res, image_tokens = decode_masks(self.model.mask_decoder, embedding, pe, sparse, dense, images)
+        mask_probs[images, classes] = torch.sigmoid(self.postprocess(low_res, size))[:, 0]
+        if fusion is not None:
+            fusion[images, classes] = image_tokens.transpose(1, 2).reshape(len(images), *embedding.shape[1:])
         return mask_probs, fusion
 
     # -- the whole teacher ----------------------------------------------------------------------
