@@ -1,9 +1,12 @@
 import json
 import shutil
+from pathlib import Path
 
+import hypothesis.strategies as st
 import nibabel as nib
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from custom.data.datalist import DatalistError, bundle_datalist, find_images, load_datalist
 
@@ -124,3 +127,76 @@ def test_find_images_folder_file_and_errors(dataset, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatalistError, match="folder has no images"):
         find_images(tmp_path / "empty")
+
+
+def _replace_image(dataset, data, role="image", affine=None):
+    entry = json.loads(dataset.read_text())["training"][0]
+    path = dataset.parent / entry[role]
+    old = nib.load(path)
+    nib.save(nib.Nifti1Image(data, old.affine if affine is None else affine), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "shape, what",
+    [((32, 32, 3), "multi-channel"), ((32, 32, 1, 2), "4D"), ((32, 32, 8), "a volume given to a 2D bundle")],
+)
+def test_image_with_channels_or_extra_axes_is_refused(dataset, shape, what):
+    path = _replace_image(dataset, np.ones(shape, np.float32))
+    with pytest.raises(DatalistError, match=rf"{path.name}: image has shape \({shape[0]}, .*single-channel 2D images"):
+        load_datalist(dataset, "training", num_classes=3, spatial_dims=2)
+
+
+def test_trailing_length_one_axes_are_single_channel(dataset):
+    entry = json.loads(dataset.read_text())["training"][0]
+    image = nib.load(dataset.parent / entry["image"])
+    _replace_image(dataset, image.get_fdata().astype(np.float32)[..., None, None])
+    assert len(load_datalist(dataset, "training", num_classes=3, spatial_dims=2)) == 2
+
+
+def test_label_on_another_grid_is_refused(dataset):
+    entry = json.loads(dataset.read_text())["training"][0]
+    label = nib.load(dataset.parent / entry["label"])
+    shifted = label.affine.copy()
+    shifted[0, 3] += 2.5  # same shape, moved 2.5 mm
+    _replace_image(dataset, np.asanyarray(label.dataobj), role="label", affine=shifted)
+    with pytest.raises(DatalistError, match=r"label affine differs from image .* by up to 2.5 mm"):
+        load_datalist(dataset, "training", num_classes=3)
+    nudged = label.affine.copy()
+    nudged[0, 3] += 1e-5  # rounding-level difference: accepted
+    _replace_image(dataset, np.asanyarray(label.dataobj), role="label", affine=nudged)
+    assert len(load_datalist(dataset, "training", num_classes=3)) == 2
+
+
+# -- fuzzing: whatever the JSON holds, the loader either returns entries or raises DatalistError ----
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+entries = st.one_of(
+    json_values,
+    st.fixed_dictionaries(
+        {"image": st.sampled_from(["imagesTr/case_000.nii.gz", "missing.nii.gz", "", "."]) | st.text(max_size=10)},
+        optional={"label": st.sampled_from(["labelsTr/case_000.nii.gz", "x.nii.gz"]) | json_values},
+    ),
+)
+datalists = st.one_of(
+    json_values,
+    st.fixed_dictionaries({}, optional={"training": st.lists(entries, max_size=4) | json_values, "test": json_values}),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=datalists, raw=st.booleans(), raw_bytes=st.binary(max_size=20))
+def test_fuzzed_datalists_load_or_fail_with_a_datalist_error(tiny_dataset, content, raw, raw_bytes):
+    path = tiny_dataset.parent / "fuzzed.json"
+    path.write_bytes(raw_bytes if raw else json.dumps(content).encode())
+    try:
+        items = load_datalist(path, "training", num_classes=3, spatial_dims=2)
+    except DatalistError as err:
+        assert str(err).startswith(str(path)) or str(tiny_dataset.parent) in str(err)
+    else:
+        assert items and all(Path(i["image"]).is_file() and Path(i["label"]).is_file() for i in items)
+    finally:
+        path.unlink()

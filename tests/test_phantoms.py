@@ -1,9 +1,11 @@
 import hashlib
 import json
 
+import hypothesis.strategies as st
 import nibabel as nib
 import numpy as np
 import pytest
+from hypothesis import given, settings
 from scipy import ndimage
 
 from custom.data.phantoms import PhantomConfig, ensure_dataset, generate_dataset, make_case
@@ -18,7 +20,14 @@ def _digest(folder):
 
 
 def test_same_seed_gives_byte_identical_files(tmp_path):
-    params = {"shape": (32, 32), "num_train": 3, "num_validation": 1, "num_test": 1, "seed": 7}
+    params = {
+        "shape": (32, 32),
+        "num_train": 3,
+        "num_validation": 1,
+        "num_test": 1,
+        "seed": 7,
+        "labelled_fraction": 0.34,
+    }
     generate_dataset(tmp_path / "a", **params)
     generate_dataset(tmp_path / "b", **params)
     generate_dataset(tmp_path / "c", **{**params, "seed": 8})
@@ -71,7 +80,9 @@ def test_classes_overlap_in_intensity():
 
 
 def test_3d_volume_has_anisotropic_affine(tmp_path):
-    path = generate_dataset(tmp_path, spatial_dims=3, shape=(32, 32, 16), num_train=1, num_validation=0, num_test=0)
+    path = generate_dataset(
+        tmp_path, spatial_dims=3, shape=(32, 32, 16), num_train=1, num_validation=0, num_test=0, labelled_fraction=1.0
+    )
     entry = json.loads(path.read_text())["training"][0]
     img = nib.load(tmp_path / entry["image"])
     assert img.shape == (32, 32, 16)
@@ -80,7 +91,7 @@ def test_3d_volume_has_anisotropic_affine(tmp_path):
 
 
 def test_ensure_dataset_reuses_matching_and_regenerates_changed(tmp_path):
-    params = {"shape": (32, 32), "num_train": 2, "num_validation": 1, "num_test": 1}
+    params = {"shape": (32, 32), "num_train": 2, "num_validation": 1, "num_test": 1, "labelled_fraction": 0.34}
     path = ensure_dataset(tmp_path, **params)
     stamp = path.stat().st_mtime_ns
     assert ensure_dataset(tmp_path, **params).stat().st_mtime_ns == stamp
@@ -93,3 +104,36 @@ def test_ensure_dataset_reuses_matching_and_regenerates_changed(tmp_path):
 def test_invalid_parameters_are_rejected(bad):
     with pytest.raises(ValueError):
         PhantomConfig(**bad).resolved()
+
+
+def test_a_labelled_fraction_with_no_labelled_case_stops_the_run(tmp_path):
+    with pytest.raises(SystemExit, match=r"embedded data in .*: labelled_fraction 0.1 of 4 training cases leaves no"):
+        ensure_dataset(tmp_path, num_train=4, labelled_fraction=0.1)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    spatial_dims=st.integers(-1, 5),
+    shape=st.none() | st.lists(st.integers(-4, 70), max_size=4),
+    labelled_fraction=st.floats(-1, 2) | st.just(float("nan")),
+    num_train=st.integers(-2, 100),
+    num_validation=st.integers(-2, 5),
+)
+def test_fuzzed_generator_settings_resolve_or_fail_with_a_value_error(
+    spatial_dims, shape, labelled_fraction, num_train, num_validation
+):
+    cfg = PhantomConfig(
+        spatial_dims=spatial_dims,
+        shape=shape,
+        labelled_fraction=labelled_fraction,
+        num_train=num_train,
+        num_validation=num_validation,
+    )
+    try:
+        resolved = cfg.resolved()
+    except ValueError as err:
+        assert str(err)
+    else:
+        assert resolved.spatial_dims in (2, 3) and len(resolved.shape) == resolved.spatial_dims
+        assert min(resolved.shape) >= 8 and 1 <= resolved.num_labelled <= resolved.num_train

@@ -11,10 +11,13 @@ import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import nibabel as nib
 import numpy as np
 from monai.data import load_decathlon_datalist
+
+T = TypeVar("T")
 
 
 class DatalistError(ValueError):
@@ -25,16 +28,20 @@ class DatalistError(ValueError):
 IMAGE_PATTERNS = ("*.nii.gz", "*.nii", "*.nrrd", "*.nhdr", "*.mha", "*.mhd")
 
 
-def _read_array(path: str) -> np.ndarray:
-    """Read an image fully (a truncated file fails here, not later in a data loader worker)."""
+def _read_array(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read an image fully (a truncated file fails here, not later in a data loader worker); returns
+    the voxels and the voxel-to-world (RAS) affine."""
     if path.endswith((".nii", ".nii.gz")):
-        return np.asanyarray(nib.load(path).dataobj)
+        img = nib.load(path)
+        return np.asanyarray(img.dataobj), img.affine
     from monai.transforms import LoadImage
 
     if Path(path).is_dir():
         check_dicom_series(path)
-        return np.asarray(LoadImage(image_only=True, reader="ITKReader")(path))
-    return np.asarray(LoadImage(image_only=True)(path))
+        data = LoadImage(image_only=True, reader="ITKReader")(path)
+    else:
+        data = LoadImage(image_only=True)(path)
+    return np.asarray(data), np.asarray(data.affine)
 
 
 def _is_dicom_file(path: Path) -> bool:
@@ -100,26 +107,56 @@ def check_dicom_series(folder: str | Path, rel_tol: float = 0.01) -> None:
         )
 
 
-def _read_checked(path: str, role: str) -> np.ndarray:
+def _read_checked(path: str, role: str, spatial_dims: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     try:
-        data = _read_array(path)
+        data, affine = _read_array(path)
     except Exception as err:  # any reader failure means the file is unusable
         raise DatalistError(f"{path}: cannot read {role} ({type(err).__name__}: {err})") from err
     if data.size == 0:
         raise DatalistError(f"{path}: {role} is empty (shape {data.shape})")
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         raise DatalistError(f"{path}: {role} contains NaN or Inf values")
+    if spatial_dims is not None:
+        data = _single_channel(data, spatial_dims, path, role)
+    return data, affine
+
+
+def _single_channel(data: np.ndarray, spatial_dims: int, path: str, role: str) -> np.ndarray:
+    """``data`` as ``spatial_dims`` axes: trailing length-1 axes are dropped; anything else (a time
+    series, several channels or modalities, a volume given to a 2D bundle) is refused."""
+    shape = data.shape
+    while data.ndim > spatial_dims and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != spatial_dims or min(data.shape) < 2:
+        raise DatalistError(
+            f"{path}: {role} has shape {shape}, but this bundle takes single-channel {spatial_dims}D images "
+            f"(4D, multi-channel or {'3D' if spatial_dims == 2 else '2D'} input)"
+        )
     return data
 
 
-def check_pair(image: str, label: str | None, num_classes: int | None) -> None:
-    """Check that an image (and its label) can be read, have matching shapes and valid label values."""
-    img = _read_checked(image, "image")
+def check_pair(
+    image: str,
+    label: str | None,
+    num_classes: int | None,
+    spatial_dims: int | None = None,
+    affine_tolerance: float = 1e-3,
+) -> None:
+    """Check that an image (and its label) can be read, are single-channel ``spatial_dims``-D when that
+    is given, lie on the same grid (shape, and affine to ``affine_tolerance`` mm) and have valid label values."""
+    img, img_affine = _read_checked(image, "image", spatial_dims)
     if label is None:
         return
-    lbl = _read_checked(label, "label")
+    lbl, lbl_affine = _read_checked(label, "label", spatial_dims)
     if lbl.shape != img.shape[: lbl.ndim]:
         raise DatalistError(f"{label}: label shape {lbl.shape} does not match image {image} shape {img.shape}")
+    if img_affine.shape == lbl_affine.shape:
+        difference = float(np.abs(img_affine - lbl_affine).max())
+        if difference > affine_tolerance:
+            raise DatalistError(
+                f"{label}: label affine differs from image {image} affine by up to {difference:.3g} mm "
+                f"(tolerance {affine_tolerance:g}); they are not on the same grid"
+            )
     if num_classes is not None:
         values = np.unique(lbl)
         bad = [v for v in values.tolist() if v != int(v) or not 0 <= v < num_classes]
@@ -136,6 +173,7 @@ def load_datalist(
     num_classes: int | None = None,
     require_label: bool = True,
     check_files: bool = True,
+    spatial_dims: int | None = None,
 ) -> list[dict]:
     """Load the ``key`` section of a Decathlon-style datalist, validated.
 
@@ -146,6 +184,7 @@ def load_datalist(
         num_classes: classes including background; label values must lie in ``0..num_classes-1``.
         require_label: every entry must have a ``label``.
         check_files: read every named file to check it (set False only for trusted, huge datasets).
+        spatial_dims: 2 or 3: images (and labels) must be single-channel images of that many axes.
 
     Returns:
         entries with absolute ``image`` (and ``label``) paths.
@@ -184,11 +223,13 @@ def load_datalist(
                 raise DatalistError(f"{path}: '{key}' names {role} {item[role]}, which does not exist")
     if check_files:
         for item in items:
-            check_pair(item["image"], item.get("label") if require_label else None, num_classes)
+            check_pair(item["image"], item.get("label") if require_label else None, num_classes, spatial_dims)
     return items
 
 
-def find_images(path: str | Path, patterns: tuple[str, ...] = IMAGE_PATTERNS) -> list[dict]:
+def find_images(
+    path: str | Path, patterns: tuple[str, ...] = IMAGE_PATTERNS, spatial_dims: int | None = None
+) -> list[dict]:
     """Images to segment: a single file, a DICOM series folder, or a folder of files matching
     ``patterns`` and of DICOM series subfolders (sorted). Each is read once to check it, so a broken
     file stops the run before any inference."""
@@ -204,16 +245,16 @@ def find_images(path: str | Path, patterns: tuple[str, ...] = IMAGE_PATTERNS) ->
     else:
         raise DatalistError(f"{path}: input does not exist")
     for f in files:
-        _read_checked(str(f), "image")
+        _read_checked(str(f), "image", spatial_dims)
     return [{"image": str(f)} for f in files]
 
 
-def exit_on_error(loader: Callable[..., list[dict]]) -> Callable[..., list[dict]]:
+def exit_on_error(loader: Callable[..., T]) -> Callable[..., T]:
     """Wrap a loader for bundle configs: a :class:`DatalistError` ends the run with its one-line
     message (``SystemExit``) before any compute is spent, instead of a traceback through the config parser."""
 
     @functools.wraps(loader)
-    def wrapper(*args, **kwargs) -> list[dict]:
+    def wrapper(*args, **kwargs) -> T:
         try:
             return loader(*args, **kwargs)
         except DatalistError as err:

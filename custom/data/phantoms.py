@@ -55,15 +55,24 @@ class PhantomConfig:
         spacing = self.spacing or ((1.0, 1.0) if self.spatial_dims == 2 else (1.25, 1.25, 2.0))
         if len(shape) != self.spatial_dims or len(spacing) != self.spatial_dims:
             raise ValueError(f"shape {shape} and spacing {spacing} must have {self.spatial_dims} entries.")
+        if any(int(n) != n or n < 8 for n in shape) or any(not s > 0 for s in spacing):
+            raise ValueError(
+                f"shape {tuple(shape)} needs whole sizes >= 8 and spacing {tuple(spacing)} positive values."
+            )
         if not 0.0 < self.labelled_fraction <= 1.0:
             raise ValueError(f"labelled_fraction must be in (0, 1], got {self.labelled_fraction}.")
         if self.num_train < 1 or self.num_validation < 0 or self.num_test < 0:
             raise ValueError("num_train must be >= 1 and num_validation, num_test >= 0.")
+        if round(self.labelled_fraction * self.num_train) < 1:
+            raise ValueError(
+                f"labelled_fraction {self.labelled_fraction:g} of {self.num_train} training cases leaves no labelled "
+                f"case (use at least {1 / self.num_train:.3g})"
+            )
         return PhantomConfig(**{**asdict(self), "shape": tuple(shape), "spacing": tuple(float(s) for s in spacing)})
 
     @property
     def num_labelled(self) -> int:
-        return max(1, int(round(self.labelled_fraction * self.num_train)))
+        return int(round(self.labelled_fraction * self.num_train))
 
 
 def _random_rotation(rng: np.random.Generator, dims: int) -> np.ndarray:
@@ -228,8 +237,12 @@ def generate_dataset(out_dir: str | Path, cfg: PhantomConfig | None = None, **ov
 
 
 def ensure_dataset(out_dir: str | Path, **params) -> Path:
-    """Generate the embedded dataset unless ``out_dir`` already holds one made with the same parameters."""
-    cfg = PhantomConfig(**params).resolved()
+    """Generate the embedded dataset unless ``out_dir`` already holds one made with the same parameters;
+    invalid parameters end the run with one message (this is what configs call)."""
+    try:
+        cfg = PhantomConfig(**params).resolved()
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"error: embedded data in {out_dir}: {err}") from None
     path = Path(out_dir) / DATALIST_NAME
     wanted = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
     if path.is_file():

@@ -62,6 +62,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
         self.n_saved = kwargs.get("n_saved")
         name = "checkpoint" if len(save_dict) > 1 else next(iter(save_dict))  # ignite's file naming
         self.basename = f"{kwargs['file_prefix']}_{name}" if kwargs.get("file_prefix") else name
+        self._started = False
         for checkpoint, fixed_name in (
             (self._final_checkpoint, kwargs.get("final_filename")),
             (self._key_metric_checkpoint, kwargs.get("key_metric_filename")),
@@ -75,6 +76,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
         engine.add_event_handler(Events.STARTED, self.started)
 
     def started(self, engine: Engine) -> None:
+        if self._started:  # an evaluator starts again at every validation
+            return
+        self._started = True
         save_dir = Path(self.save_dir)
         for partial in save_dir.glob(f".*{PARTIAL_SUFFIX}"):
             logger.warning(f"removing {partial}: an unfinished checkpoint write from a killed run")
