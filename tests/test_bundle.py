@@ -141,6 +141,33 @@ def test_inference_writes_segmentation_in_the_input_space(trained, tmp_path):
     assert set(np.unique(np.asanyarray(seg.dataobj))) <= {0, 1, 2}
 
 
+def test_inference_never_writes_over_its_inputs(trained, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    image = src / "case_a.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((32, 32), np.float32), np.eye(4)), image)
+    before = image.read_bytes()
+    with pytest.raises(SystemExit, match=rf"{image}: the segmentation of {image} would overwrite an input image"):
+        run(
+            "inference",
+            config_file=INFER,
+            bundle_root=str(trained.root),
+            input_dir=str(src),
+            output_dir=str(src),
+            output_postfix="",
+            **TINY_NET,
+        )
+    assert image.read_bytes() == before and [p.name for p in src.iterdir()] == ["case_a.nii.gz"]
+
+
+def test_unwritable_output_folder_stops_training_before_anything_runs(tmp_path):
+    blocker = tmp_path / "models"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit, match=rf"error: {blocker}: output folder is not writable"):
+        run("training", config_file=TRAIN, **tiny_train_overrides(tmp_path))
+    assert not (tmp_path / "data").exists() and not (tmp_path / "eval").exists()
+
+
 def test_evaluate_reports_dice_and_hd95_per_class(trained):
     run("evaluate", config_file=[TRAIN, EVALUATE], **tiny_train_overrides(trained.root))
     report = json.loads((trained.root / "eval" / "report" / "report.json").read_text())
