@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TRAIN := bundle/configs/train.json
 BUNDLE_RUN := $(PY) -m monai.bundle run
 
-.PHONY: install demo test lint format clean bundle
+.PHONY: install demo test lint format clean bundle label-install label-serve
 
 # torch + torchvision first and on their own (pinned pair), then everything else under the lock file.
 $(STAMP): requirements-torch.txt requirements.txt requirements-dev.txt constraints.txt
@@ -16,6 +16,24 @@ $(STAMP): requirements-torch.txt requirements.txt requirements-dev.txt constrain
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# MONAI Label in its own environment: monailabel 0.8.5 needs pydicom 2 and jsonschema 3 (see
+# requirements-label.txt); the bundle runs inside it as MONAI Label's stock app loads it.
+LABEL_VENV ?= .venv-label
+LABEL_STAMP := $(LABEL_VENV)/.installed
+$(LABEL_STAMP): requirements-torch.txt requirements-label.txt constraints-label.txt
+	test -x $(LABEL_VENV)/bin/python || python3 -m venv $(LABEL_VENV)
+	$(LABEL_VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements-torch.txt
+	$(LABEL_VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements-label.txt -c constraints-label.txt
+	touch $(LABEL_STAMP)
+
+label-install: $(LABEL_STAMP)
+
+# Serve dist/uncol_monai (make bundle) in MONAI Label's stock monaibundle app on 127.0.0.1:8000,
+# labelling the images in STUDIES (default: the embedded test split).
+STUDIES ?= bundle/data/phantom2d/imagesTs
+label-serve: bundle label-install
+	$(LABEL_VENV)/bin/python scripts/monailabel_server.py --bundle dist/uncol_monai --studies $(STUDIES)
 
 EVALUATE := $(BUNDLE_RUN) evaluate --config_file "['$(TRAIN)','bundle/configs/evaluate.json']"
 
@@ -38,7 +56,7 @@ demo: install
 bundle: install
 	$(PY) scripts/make_bundle.py --out dist
 
-test: install
+test: install label-install
 	$(PY) -m pytest -q tests
 
 lint: install
