@@ -6,13 +6,19 @@
 MONAI Label runs in its own environment (``.venv-label``, see requirements-label.txt for why). This
 script copies MONAI Label's stock ``monaibundle`` app out of the installed package, puts the bundle
 in the app's ``model/`` folder and starts ``monailabel start_server`` with the model zoo switched off
-(``zoo_source github``: a local bundle folder is used as is), SAM2 off and training off. Then:
+(``zoo_source github``: a local bundle folder is used as is), SAM2 off and training off unless
+``--train``. Then:
 
     curl -X POST "http://127.0.0.1:8000/infer/uncol_monai?image=<study id>&output=image" -o label.nii.gz
 
 With ``--strategy`` the app also offers UnCoL's active-learning strategy (``scripts/monailabel_app.py``):
 
     curl -X POST "http://127.0.0.1:8000/activelearning/uncol_monai_uncertainty"     # {"id": <study>, ...}
+
+With ``--train``, MONAI Label trains the bundle (stage 2 from its model.pt) on the studies' final labels:
+
+    curl -X POST "http://127.0.0.1:8000/train/uncol_monai?run_sync=true" -H "Content-Type: application/json" \
+         -d '{"max_epochs": 10, "device": "cpu", "val_split": 0.2}'
 """
 
 from __future__ import annotations
@@ -41,13 +47,20 @@ def prepare_app(bundle: Path, app_dir: Path, python: str = sys.executable, strat
         shutil.copy(Path(__file__).with_name("monailabel_app.py"), app_dir / "main.py")
     target = app_dir / "model" / bundle.name
     shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(bundle, target, ignore=shutil.ignore_patterns("eval", "data", "__pycache__"))
+
+    def skip(folder: str, names: list[str]) -> set[str]:  # the bundle's own outputs, not custom/data
+        return {n for n in names if n == "__pycache__" or (Path(folder) == bundle and n in ("eval", "data", "cache"))}
+
+    shutil.copytree(bundle, target, ignore=skip)
     return app_dir
 
 
-def server_command(app_dir: Path, studies: Path, model: str, port: int, python: str = sys.executable) -> list[str]:
-    """The ``monailabel start_server`` command line for ``model`` (the bundle folder name)."""
-    conf = {"models": model, "zoo_source": "github", "sam2": "false", "skip_trainers": "true"}
+def server_command(
+    app_dir: Path, studies: Path, model: str, port: int, python: str = sys.executable, train: bool = False
+) -> list[str]:
+    """The ``monailabel start_server`` command line for ``model`` (the bundle folder name); with ``train``,
+    MONAI Label may also train the bundle on its labelled studies (``POST /train/<model>``)."""
+    conf = {"models": model, "zoo_source": "github", "sam2": "false", "skip_trainers": str(not train).lower()}
     cmd = [python, "-m", "monailabel.main", "start_server", "--app", str(app_dir), "--studies", str(studies)]
     for key, value in conf.items():
         cmd += ["--conf", key, value]
@@ -61,9 +74,10 @@ def main() -> None:
     parser.add_argument("--app-dir", type=Path, default=Path("dist/monailabel/monaibundle"))
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--strategy", action="store_true", help="add UnCoL's active-learning strategy")
+    parser.add_argument("--train", action="store_true", help="let MONAI Label train the bundle (labelled studies)")
     args = parser.parse_args()
     app_dir = prepare_app(args.bundle.resolve(), args.app_dir.resolve(), strategy=args.strategy)
-    cmd = server_command(app_dir, args.studies.resolve(), args.bundle.name, args.port)
+    cmd = server_command(app_dir, args.studies.resolve(), args.bundle.name, args.port, train=args.train)
     print(" ".join(cmd), flush=True)
     os.execv(cmd[0], cmd)
 

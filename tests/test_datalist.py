@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from custom.data.datalist import DatalistError, bundle_datalist, find_images, load_datalist
+from custom.data.datalist import DatalistError, bundle_datalist, find_images, load_datalist, load_unlabelled
 
 
 @pytest.fixture
@@ -200,3 +200,22 @@ def test_fuzzed_datalists_load_or_fail_with_a_datalist_error(tiny_dataset, conte
         assert items and all(Path(i["image"]).is_file() and Path(i["label"]).is_file() for i in items)
     finally:
         path.unlink()
+
+
+def test_unlabelled_stream_comes_from_the_runs_own_datalist(dataset):
+    labelled = load_datalist(dataset, "training", num_classes=3)
+    unlabelled = load_unlabelled(None, "unlabeled", labelled, fallback_datalist=dataset, spatial_dims=2)
+    assert unlabelled == load_datalist(dataset, "unlabeled", require_label=False)
+
+
+def test_labelled_pairs_from_elsewhere_bring_only_their_own_images(dataset, tmp_path, caplog):
+    """What MONAI Label hands over: labelled pairs that are not the bundle datalist's training cases."""
+    elsewhere = tmp_path / "datastore"
+    shutil.copytree(dataset.parent / "imagesTr", elsewhere)
+    labelled = [{"image": str(p), "label": str(p)} for p in sorted(elsewhere.glob("*.nii.gz"))[:2]]
+    unlabelled = load_unlabelled(None, "unlabeled", labelled, fallback_datalist=dataset)
+    assert unlabelled == [{"image": item["image"]} for item in labelled]
+    assert "labelled images stand in as unlabelled" in caplog.text
+    assert load_unlabelled(None, "unlabeled", labelled, fallback_datalist=tmp_path / "absent.json") == unlabelled
+    with pytest.raises(DatalistError, match="datalist file does not exist"):  # given explicitly: strict
+        load_unlabelled(tmp_path / "absent.json", "unlabeled", labelled)

@@ -40,6 +40,8 @@ def _tiny_bundle(tmp_path):
         content = json.loads(path.read_text())
         content["network_def"].update({k.split("#")[1]: v for k, v in TINY_NET.items()})
         content["roi_size"] = [32, 32]
+        if name == "train.json":  # a production bundle: no embedded phantoms, a short schedule
+            content.update({"use_embedded_data": False, "iterations_per_epoch": 2, "val_interval": 1})
         path.write_text(json.dumps(content, indent=4))
     config = bundle / "configs" / "inference.json"
     parser = ConfigParser()
@@ -62,7 +64,7 @@ def _wait_for(url: str, server: subprocess.Popen, log, seconds: float = 300) -> 
 
 
 @contextlib.contextmanager
-def _server(bundle, studies, tmp_path, strategy: bool = False):
+def _server(bundle, studies, tmp_path, strategy: bool = False, train: bool = False):
     """A MONAI Label server for ``bundle`` on a free port (stock app, or extended with UnCoL's strategy)."""
     app = prepare_app(bundle, tmp_path / "apps" / "monaibundle", python=str(LABEL_PYTHON), strategy=strategy)
     port = _free_port()
@@ -70,7 +72,7 @@ def _server(bundle, studies, tmp_path, strategy: bool = False):
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "MONAI_LABEL_SESSION_PATH": str(tmp_path)}
     with open(log, "w") as out:
         server = subprocess.Popen(
-            server_command(app, studies, bundle.name, port, python=str(LABEL_PYTHON)),
+            server_command(app, studies, bundle.name, port, python=str(LABEL_PYTHON), train=train),
             cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
@@ -141,3 +143,30 @@ def test_uncol_strategy_picks_the_unlabelled_study_the_teachers_are_least_sure_o
             picked = json.load(response)
     assert picked["id"] in unlabelled and picked["id"] == expected
     assert abs(picked["score"] - ranking[0]["score"]) < 1e-5
+
+
+def test_monailabel_trains_the_bundle_on_its_labelled_studies_only(tiny_dataset, tmp_path):
+    assert LABEL_PYTHON.is_file(), "MONAI Label's environment is missing: run `make label-install`"
+    bundle = _tiny_bundle(tmp_path)
+    studies = tmp_path / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    content = json.loads(tiny_dataset.read_text())
+    for i, case in enumerate(content["training"] + content["test"]):
+        shutil.copy(tiny_dataset.parent / case["image"], studies / f"case_{i}.nii.gz")
+        shutil.copy(tiny_dataset.parent / case["label"], studies / "labels" / "final" / f"case_{i}.nii.gz")
+    shutil.copy(tiny_dataset.parent / content["unlabeled"][0]["image"], studies / "not_labelled_yet.nii.gz")
+
+    with _server(bundle, studies, tmp_path, train=True) as base:
+        params = json.dumps({"max_epochs": 1, "device": "cpu", "val_split": 0.5, "multi_gpu": False}).encode()
+        request = urllib.request.Request(
+            f"{base}/train/{bundle.name}?run_sync=true", data=params, method="POST",
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=600) as response:
+            assert response.status == 200
+    served = tmp_path / "apps" / "monaibundle" / "model" / bundle.name
+    state = torch.load(served / "models" / "stage2_last.pt", map_location="cpu", weights_only=True)
+    assert state["trainer"]["iteration"] == 2 and "ema" in state  # stage 2, MONAI Label's epoch count
+    log = (tmp_path / "monailabel.log").read_text()
+    assert "the 2 labelled images stand in as unlabelled" in log  # 4 labelled studies, half for validation
+    assert not (served / "data").exists()  # no embedded phantoms pulled in

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -18,6 +19,7 @@ import numpy as np
 from monai.data import load_decathlon_datalist
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 class DatalistError(ValueError):
@@ -227,6 +229,42 @@ def load_datalist(
     return items
 
 
+def load_unlabelled(
+    datalist: str | Path | None,
+    key: str,
+    labelled: list[dict],
+    fallback_datalist: str | Path | None = None,
+    spatial_dims: int | None = None,
+) -> list[dict]:
+    """The unlabelled stream of stage 2. ``datalist``, when given, must hold a valid ``key`` list. With
+    none given, ``fallback_datalist``'s ``key`` list is used when the labelled images are that datalist's
+    own ``training`` cases; labelled pairs from elsewhere (MONAI Label hands over its datastore's pairs
+    this way) get their own images, without labels, as the unlabelled stream: never images the user did
+    not give this run."""
+    if datalist:
+        return load_datalist(datalist, key, require_label=False, spatial_dims=spatial_dims)
+    if fallback_datalist and lists_as_training(fallback_datalist, labelled):
+        return load_datalist(fallback_datalist, key, require_label=False, spatial_dims=spatial_dims)
+    if not labelled:
+        raise DatalistError(f"no unlabelled datalist and no labelled images to stand in for '{key}'")
+    logger.warning(
+        f"the {len(labelled)} labelled images stand in as unlabelled: they do not come from {fallback_datalist}; "
+        f"set unlabelled_datalist to a datalist with a '{key}' list to add unlabelled images"
+    )
+    return [{"image": item["image"]} for item in labelled]
+
+
+def lists_as_training(datalist: str | Path, labelled: list[dict]) -> bool:
+    """Whether every labelled image is a ``training`` entry of ``datalist`` (which then has other keys)."""
+    path = Path(datalist)
+    try:
+        entries = json.loads(path.read_text()).get("training", [])
+        listed = {str((path.parent / e["image"]).resolve()) for e in entries}
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        return False
+    return bool(labelled) and all(str(Path(item["image"]).resolve()) in listed for item in labelled)
+
+
 def find_images(
     path: str | Path, patterns: tuple[str, ...] = IMAGE_PATTERNS, spatial_dims: int | None = None
 ) -> list[dict]:
@@ -266,3 +304,4 @@ def exit_on_error(loader: Callable[..., T]) -> Callable[..., T]:
 #: what configs call (``"_target_": "custom.data.datalist.bundle_datalist"``)
 bundle_datalist = exit_on_error(load_datalist)
 bundle_images = exit_on_error(find_images)
+bundle_unlabelled = exit_on_error(load_unlabelled)
