@@ -2,11 +2,12 @@
 unlabelled cases keep hidden labels, so the ranking's score can be correlated with the student's
 actual error (1 - mean foreground Dice) case by case.
 
-    python bench/active_learning.py [--bundle-root <a trained stage 2 folder>]
+    python bench/active_learning.py [--seeds 0 1 2]
 
-Default folder: the sweep's UnCoL run with 10 % labels, seed 0 (``bundle/eval/sweep/2d/...``). Runs
-``active_learning.json`` (``rank``) there, scores the student (``models/model.pt``) on every ranked
-case, and prints the Spearman correlation; writes the "active-learning" section of results.md.
+For the sweep's UnCoL runs with 10 % labels (``bundle/eval/sweep/2d/fraction_0.1/seed<k>/uncol``):
+runs ``active_learning.json`` (``rank``) there, scores the student (``models/model.pt``) on every
+ranked case, and prints the Spearman correlations as a table; writes the "active-learning" section
+of results.md.
 """
 
 from __future__ import annotations
@@ -53,38 +54,57 @@ def student_errors(bundle_root: Path, overrides: dict, cases: list[dict]) -> dic
     return errors
 
 
-def main(argv: list[str] | None = None) -> None:
+def check_run(root: Path, run_json: Path) -> dict:
+    """Rank one trained run's unlabelled cases and correlate the score with its student's error."""
     from monai.bundle import run
     from scipy.stats import spearmanr
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle-root", default=str(DEFAULT_ROOT))
-    parser.add_argument("--run-json", default=str(DOCS / "results" / "runs" / "2d" / "0.1_uncol_seed0.json"),
-                        help="the sweep's record of that run (its data, seed and network overrides)")  # fmt: skip
-    parser.add_argument("--results-md", default=str(DOCS / "results.md"))
-    args = parser.parse_args(argv)
-    root = Path(args.bundle_root)
-    overrides = {**json.loads(Path(args.run_json).read_text())["stage2_overrides"], "bundle_root": str(root)}
+    overrides = {**json.loads(run_json.read_text())["stage2_overrides"], "bundle_root": str(root)}
     run("rank", config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "active_learning.json")], **overrides)
     cases = json.loads((root / "eval" / "active_learning.json").read_text())["cases"]
     errors = student_errors(root, overrides, cases)
-    scores = [c["score"] for c in cases]
     errs = [errors[c["image"]] for c in cases]
-    rho, p = spearmanr(scores, errs)
+    result = {"cases": len(cases)}
+    for part in ("score", "entropy", "disagreement"):
+        rho, p = spearmanr([c[part] for c in cases], errs)
+        result[part] = {"rho": float(rho), "p": float(p)}
     top = len(cases) // 5
-    top_err = sum(errs[:top]) / top
-    rest_err = sum(errs[top:]) / (len(errs) - top)
-    text = (
-        f"`python bench/active_learning.py` (commit {commit()}): the UnCoL student of the sweep's 10 % / seed 0 run "
-        f"and its EMA and LiteMedSAM teachers rank the {len(cases)} unlabelled cases "
-        "(`python -m monai.bundle run rank --config_file "
-        "\"['bundle/configs/train.json','bundle/configs/active_learning.json']\"`). "
-        f"Spearman correlation between the ranking score and the student's error (1 - mean foreground Dice "
-        f"against the hidden labels): **rho = {rho:.2f}** (p = {p:.1g}). The top fifth of the ranking "
-        f"({top} cases) has mean error {top_err:.3f}, the rest {rest_err:.3f}."
-    )
+    result["top_fifth_error"] = sum(errs[:top]) / top
+    result["rest_error"] = sum(errs[top:]) / (len(errs) - top)
     (root / "eval" / "active_learning_check.json").write_text(
-        json.dumps({"spearman_rho": rho, "p": p, "errors": errors, "cases": cases}, indent=2)
+        json.dumps({**result, "errors": errors, "ranking": cases}, indent=2)
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the sweep's 10 %% UnCoL runs")
+    parser.add_argument("--results-md", default=str(DOCS / "results.md"))
+    args = parser.parse_args(argv)
+    rows = []
+    for seed in args.seeds:
+        root = DEFAULT_ROOT.parents[1] / f"seed{seed}" / "uncol"
+        run_json = DOCS / "results" / "runs" / "2d" / f"0.1_uncol_seed{seed}.json"
+        r = check_run(root, run_json)
+        rows.append(
+            f"| {seed} | {r['cases']} | {r['score']['rho']:.2f} (p = {r['score']['p']:.2g}) | "
+            f"{r['entropy']['rho']:.2f} | {r['disagreement']['rho']:.2f} | "
+            f"{r['top_fifth_error']:.3f} / {r['rest_error']:.3f} |"
+        )
+    text = "\n".join(
+        [
+            f"`python bench/active_learning.py` (commit {commit()}): for each seed of the sweep's 10 % UnCoL run, "
+            "the EMA and LiteMedSAM teachers rank the unlabelled cases (`python -m monai.bundle run rank "
+            "--config_file \"['bundle/configs/train.json','bundle/configs/active_learning.json']\"`, the same "
+            "score MONAI Label's `uncol_monai_uncertainty` strategy uses), and the score is correlated (Spearman) "
+            "with that run's student error on each case (1 - mean foreground Dice against the hidden labels).",
+            "",
+            "| seed | cases | rho(score, error) | rho(entropy part) | rho(disagreement part) "
+            "| mean error: top fifth / rest |",
+            "|---|---|---|---|---|---|",
+            *rows,
+        ]
     )
     replace_section(Path(args.results_md), "active-learning", text)
     print(text)
