@@ -34,6 +34,7 @@ def _free_port() -> int:
 
 def _tiny_bundle(tmp_path):
     """The exported bundle with a tiny student (weights saved from the bundle's own network_def)."""
+    assert LABEL_PYTHON.is_file(), "MONAI Label's environment is missing: run `make label-install`"
     bundle = build(tmp_path / "dist", weights=False)
     for name in ("train.json", "inference.json"):
         path = bundle / "configs" / name
@@ -49,6 +50,13 @@ def _tiny_bundle(tmp_path):
     torch.manual_seed(0)
     torch.save(parser.get_parsed_content("network_def").state_dict(), bundle / "models" / "model.pt")
     return bundle
+
+
+def _studies_folder(tmp_path):
+    """An empty MONAI Label studies folder (final labels go to ``labels/final/<image id>.nii.gz``)."""
+    studies = tmp_path / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    return studies
 
 
 def _wait_for(url: str, server: subprocess.Popen, log, seconds: float = 300) -> None:
@@ -84,7 +92,6 @@ def _server(bundle, studies, tmp_path, strategy: bool = False, train: bool = Fal
 
 
 def test_stock_monailabel_app_serves_the_bundle(tiny_dataset, tmp_path):
-    assert LABEL_PYTHON.is_file(), "MONAI Label's environment is missing: run `make label-install`"
     bundle = _tiny_bundle(tmp_path)
     studies = tmp_path / "studies"
     studies.mkdir()
@@ -114,10 +121,8 @@ def test_stock_monailabel_app_serves_the_bundle(tiny_dataset, tmp_path):
 
 
 def test_uncol_strategy_picks_the_unlabelled_study_the_teachers_are_least_sure_of(tiny_dataset, tmp_path):
-    assert LABEL_PYTHON.is_file(), "MONAI Label's environment is missing: run `make label-install`"
     bundle = _tiny_bundle(tmp_path)
-    studies = tmp_path / "studies"
-    (studies / "labels" / "final").mkdir(parents=True)
+    studies = _studies_folder(tmp_path)
     content = json.loads(tiny_dataset.read_text())
     cases = [tiny_dataset.parent / c["image"] for c in content["unlabeled"] + content["test"]]
     for i, case in enumerate(cases):
@@ -146,10 +151,8 @@ def test_uncol_strategy_picks_the_unlabelled_study_the_teachers_are_least_sure_o
 
 
 def test_monailabel_trains_the_bundle_on_its_labelled_studies_only(tiny_dataset, tmp_path):
-    assert LABEL_PYTHON.is_file(), "MONAI Label's environment is missing: run `make label-install`"
     bundle = _tiny_bundle(tmp_path)
-    studies = tmp_path / "studies"
-    (studies / "labels" / "final").mkdir(parents=True)
+    studies = _studies_folder(tmp_path)
     content = json.loads(tiny_dataset.read_text())
     for i, case in enumerate(content["training"] + content["test"]):
         shutil.copy(tiny_dataset.parent / case["image"], studies / f"case_{i}.nii.gz")
