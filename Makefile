@@ -18,13 +18,14 @@ $(STAMP): requirements-torch.txt requirements.txt requirements-dev.txt constrain
 install: $(STAMP)
 
 # MONAI Label in its own environment: monailabel 0.8.5 needs pydicom 2 and jsonschema 3 (see
-# requirements-label.txt); the bundle runs inside it as MONAI Label's stock app loads it.
+# requirements-label.txt); the bundle runs inside it as MONAI Label's stock app loads it. What it
+# shares with .venv at the same version (torch, CUDA libraries, ITK, ...) is hard-linked from there.
 LABEL_VENV ?= .venv-label
 LABEL_STAMP := $(LABEL_VENV)/.installed
-$(LABEL_STAMP): requirements-torch.txt requirements-label.txt constraints-label.txt
+$(LABEL_STAMP): $(STAMP) requirements-torch.txt requirements-label.txt constraints-label.txt
 	test -x $(LABEL_VENV)/bin/python || python3 -m venv $(LABEL_VENV)
-	$(LABEL_VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements-torch.txt
-	$(LABEL_VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements-label.txt -c constraints-label.txt
+	$(PY) scripts/link_packages.py --source $(VENV) --target $(LABEL_VENV) requirements-torch.txt constraints-label.txt
+	$(LABEL_VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements-torch.txt -r requirements-label.txt -c constraints-label.txt
 	touch $(LABEL_STAMP)
 
 label-install: $(LABEL_STAMP)
