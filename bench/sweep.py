@@ -53,7 +53,8 @@ LABELS = {
     "uncol": "UnCoL (both teachers)",
 }
 
-#: size and budget per setting: dataset generator overrides, bundle overrides, epochs per stage
+#: size and budget per setting: configs layered on train.json, dataset generator overrides, bundle
+#: overrides, epochs per stage
 SETTINGS = {
     "2d": {
         "data": {},
@@ -61,6 +62,7 @@ SETTINGS = {
         "epochs": 6,
     },
     "3d": {
+        "configs": ["train_3d.json"],
         "data": {"shape": [48, 48, 32], "num_train": 20, "num_validation": 4, "num_test": 8},
         "bundle": {"spatial_dims": 3, "roi_size": [48, 48, 32], "batch_size": 2},
         "epochs": 4,
@@ -101,12 +103,17 @@ def methods_for(fraction: float, methods: list[str]) -> list[str]:
     return [m for m in methods if fraction < 1.0 or m == "supervised"]
 
 
-def warm_teacher_cache(overrides: dict) -> None:
+def train_configs(setting: str) -> list[str]:
+    """train.json and what the setting layers on it (train_3d.json in 3D)."""
+    return [TRAIN, *(str(CONFIGS / name) for name in SETTINGS[setting].get("configs", []))]
+
+
+def warm_teacher_cache(setting: str, overrides: dict) -> None:
     """Encode every unlabelled image once, so that no timed stage 2 run pays for the cold cache."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(TRAIN)
+    parser.read_config(train_configs(setting))
     parser.update({"bundle_root": str(Path(overrides["dataset_dir"]).parent), **overrides})
     parser.get_parsed_content("embedded_data")
     teacher = parser.get_parsed_content("teacher_def")
@@ -139,25 +146,26 @@ def run_one(setting: str, fraction: float, method: str, seed: int, work: Path, r
     stage1 = METHODS[method]["stage1"]
     stage2 = dict(METHODS[method]["stage2"])
     if fraction < 1.0 and not (dataset / "warm").is_file():
-        warm_teacher_cache(shared)
+        warm_teacher_cache(setting, shared)
         (dataset / "warm").touch()
     if fraction >= 1.0:
         stage2["unlabelled_key"] = "training"  # nothing is unlabelled; the pseudo-label weight is 0 anyway
+    configs = train_configs(setting)
     seconds = {}
     stage1_root = work / f"fraction_{fraction:g}" / f"seed{seed}" / f"stage1_{stage1}"
     stage1_ckpt = stage1_root / "models" / "pretrain.pt"
     if not stage1_ckpt.is_file():
         start = time.perf_counter()
-        run("pretrain", config_file=[TRAIN, PRETRAIN], bundle_root=str(stage1_root), distillation=stage1, **shared)
+        run("pretrain", config_file=[*configs, PRETRAIN], bundle_root=str(stage1_root), distillation=stage1, **shared)
         (stage1_root / "seconds.txt").write_text(f"{time.perf_counter() - start:.1f}")
     seconds["stage1"] = float((stage1_root / "seconds.txt").read_text())
     root = work / f"fraction_{fraction:g}" / f"seed{seed}" / method
     (root / "models").mkdir(parents=True, exist_ok=True)
     shutil.copy(stage1_ckpt, root / "models" / "pretrain.pt")
     start = time.perf_counter()
-    run("training", config_file=TRAIN, bundle_root=str(root), **shared, **stage2)
+    run("training", config_file=configs, bundle_root=str(root), **shared, **stage2)
     seconds["stage2"] = round(time.perf_counter() - start, 1)
-    run("evaluate", config_file=[TRAIN, EVALUATE], bundle_root=str(root), **shared)
+    run("evaluate", config_file=[*configs, EVALUATE], bundle_root=str(root), **shared)
     report = json.loads((root / "eval" / "report" / "report.json").read_text())
     result = {
         "setting": setting,
