@@ -4,6 +4,7 @@ only) and UnCoL (both teachers) for several labelled fractions and seeds, throug
     python bench/sweep.py                      # the full 2D sweep (about an hour on 2 CPU cores)
     python bench/sweep.py --dims 3             # the reduced 3D sweep
     python bench/sweep.py --quick --out /tmp/q # one seed, tiny images and models: a smoke test
+    python bench/sweep.py --quick --dims 3 ... # the same in 3D
     python bench/sweep.py --report-only        # rebuild results.md and the plot from the run JSONs
 
 Every run is stage 1 (``pretrain.json``) then stage 2 (``train.json``), same iterations for every
@@ -83,6 +84,13 @@ SETTINGS = {
         "epochs": 1,
     },
 }
+#: the 3D smoke test: the quick budget on the smallest volumes the student takes (16-voxel patches)
+SETTINGS["quick3d"] = {
+    "configs": ["train_3d.json"],
+    "data": {**SETTINGS["quick"]["data"], "shape": [32, 32, 16]},
+    "bundle": {**SETTINGS["quick"]["bundle"], "spatial_dims": 3, "roi_size": [32, 32, 16]},
+    "epochs": 1,
+}
 
 
 def commit() -> str:
@@ -118,7 +126,7 @@ def warm_teacher_cache(setting: str, overrides: dict) -> None:
     parser.get_parsed_content("embedded_data")
     teacher = parser.get_parsed_content("teacher_def")
     for item in parser.get_parsed_content("train#unlabelled_dataset"):
-        teacher.encode(item["image"].as_tensor()[None])
+        teacher(item["image"].as_tensor()[None], with_fusion=False)  # no prompts: encoder only, 2D or slice-wise
 
 
 def setting_overrides(setting: str, fraction: float, seed: int, dataset: Path, teacher_cache: Path) -> dict:
@@ -145,7 +153,8 @@ def run_one(setting: str, fraction: float, method: str, seed: int, work: Path, r
     shared = setting_overrides(setting, fraction, seed, dataset, work / "teacher_cache")
     stage1 = METHODS[method]["stage1"]
     stage2 = dict(METHODS[method]["stage2"])
-    if fraction < 1.0 and not (dataset / "warm").is_file():
+    uses_teacher = stage1 != "none" or stage2["teachers"] != "specialized"
+    if fraction < 1.0 and uses_teacher and not (dataset / "warm").is_file():
         warm_teacher_cache(setting, shared)
         (dataset / "warm").touch()
     if fraction >= 1.0:
@@ -302,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results-md", default=None, help="page to write the table into (default: results.md)")
     parser.add_argument("--report-only", action="store_true", help="rebuild the table and plot from the run JSONs")
     args = parser.parse_args(argv)
-    setting = "quick" if args.quick else f"{args.dims}d"
+    setting = ("quick" if args.dims == 2 else "quick3d") if args.quick else f"{args.dims}d"
     out = Path(args.out) / setting
     results_dir = Path(args.results) if args.results else (out / "results" if args.quick else DOCS / "results")
     results_md = Path(args.results_md) if args.results_md else (results_dir.parent / "results.md")

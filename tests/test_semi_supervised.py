@@ -98,3 +98,25 @@ def test_prompts_count_as_the_same_within_the_reuse_tolerance():
     assert same_prompts(Prompts(valid, boxes), Prompts(valid, moved), tolerance=1.0)
     assert not same_prompts(Prompts(valid, boxes), Prompts(valid, boxes + 2.0), tolerance=1.0)
     assert not same_prompts(Prompts(valid, boxes), Prompts(~valid, boxes), tolerance=5.0)  # other classes
+
+
+def test_generalized_teacher_on_volumes_is_slice_wise_and_reused_per_slice(lite_teacher):
+    """3D stage 2: the generalized teacher's pseudo-label probabilities equal its own slice-wise 3D
+    output, and a volume that comes back with the same EMA prediction reuses every slice."""
+    from custom.engines.uncol import SemiSupervisedIteration
+    from custom.losses.pseudo_label import EntropyGate, PseudoLabelLoss
+
+    torch.manual_seed(0)
+    ema = torch.nn.Conv3d(1, 3, 3, padding=1)  # any 3-class voxel classifier stands in for the EMA student
+    weak = torch.randn(1, 1, 32, 32, 2)
+    step = SemiSupervisedIteration(EntropyGate("both"), PseudoLabelLoss(), ema, lite_teacher)
+    spec, gen = step.teacher_probs(weak)
+    assert gen.shape == spec.shape == (1, 3, 32, 32, 2)
+    labels = spec.argmax(1, keepdim=True)
+    assert labels.unique().numel() == 3, "both foreground classes are prompted"
+    expected = lite_teacher(weak, labels=labels, with_fusion=False).probs
+    assert torch.allclose(gen, expected, atol=1e-5)
+    assert not torch.allclose(gen[..., 0], gen[..., 1])  # each slice has its own output
+    again = step.teacher_probs(weak)[1]
+    assert step.generalized_reused == 2 and step.generalized_calls == 4
+    assert torch.equal(again, gen)

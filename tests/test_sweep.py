@@ -2,6 +2,8 @@
 
 import json
 
+import nibabel as nib
+
 from bench.sweep import main
 
 
@@ -29,3 +31,21 @@ def test_quick_sweep_writes_runs_table_and_plot_and_resumes(tmp_path):
     (tmp_path / "work").rename(tmp_path / "gone")
     main(args)
     assert page.read_text() == text
+
+
+def test_quick_3d_sweep_trains_and_evaluates_volumes(tmp_path):
+    """The 3D setting layers train_3d.json (3D orientation and spacing) on every stage; the baselines
+    run without the generalized teacher, so no LiteMedSAM cache is built for them."""
+    results, page = tmp_path / "results", tmp_path / "results.md"
+    work = tmp_path / "work"
+    main(
+        ["--quick", "--dims", "3", "--fractions", "0.5", "--methods", "supervised", "mean_teacher"]
+        + ["--out", str(work), "--results", str(results), "--results-md", str(page)]
+    )
+    run = json.loads((results / "runs" / "quick3d" / "0.5_mean_teacher_seed0.json").read_text())
+    assert run["stage2_overrides"]["spatial_dims"] == 3 and run["stage2_overrides"]["teachers"] == "specialized"
+    assert run["num_test_cases"] == 2 and set(run["metrics"]["test_dice"]) == {"organ", "lesion"}
+    assert not (work / "quick3d" / "teacher_cache").exists()
+    image = next((work / "quick3d" / "data" / "fraction_0.5" / "imagesTr").glob("*.nii.gz"))
+    assert nib.load(image).shape == (32, 32, 16)
+    assert "| 50% | Mean Teacher |" in page.read_text()

@@ -208,9 +208,15 @@ class SemiSupervisedIteration:
         spec = torch.softmax(self.specialized(weak).float(), 1)
         gen = None
         if self.generalized is not None:
-            # prompts: boxes of the specialized teacher's current prediction
-            prompts = self.generalized.make_prompts(spec.argmax(1, keepdim=True))
-            gen = self._generalized_probs(weak, prompts).to(spec)
+            # prompts: boxes of the specialized teacher's current prediction; volumes slice by slice, as
+            # the generalized teacher sees them, so that reuse and decoder batching work per slice
+            labels = spec.argmax(1, keepdim=True)
+            if weak.ndim == 5:
+                slices = self.generalized.to_slices(weak)
+                prompts = self.generalized.make_prompts(self.generalized.to_slices(labels))
+                gen = self.generalized.from_slices(self._generalized_probs(slices, prompts), len(weak)).to(spec)
+            else:
+                gen = self._generalized_probs(weak, self.generalized.make_prompts(labels)).to(spec)
         return spec, gen
 
     def _generalized_probs(self, weak: torch.Tensor, prompts: Prompts) -> torch.Tensor:
@@ -225,10 +231,11 @@ class SemiSupervisedIteration:
                 probs[i] = hit[1].to(weak.device)
                 self.generalized_reused += 1
         todo = [i for i, p in enumerate(probs) if p is None]
-        if todo:
-            index = torch.tensor(todo)
+        step = self.generalized.slice_batch  # bounds the decoder's memory when a batch is many slices
+        for chunk in (todo[k : k + step] for k in range(0, len(todo), step)):
+            index = torch.tensor(chunk)
             fresh = self.generalized(weak[index], prompts=prompts[index], with_fusion=False).probs
-            for j, i in enumerate(todo):
+            for j, i in enumerate(chunk):
                 probs[i] = fresh[j]
                 if keys[i] is not None:
                     self._generalized_memo[keys[i]] = (prompts[i : i + 1], fresh[j].to("cpu"))

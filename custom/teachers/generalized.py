@@ -100,7 +100,7 @@ class GeneralizedTeacher(nn.Module):
         prompt_type: ``box``, ``point`` or ``box+point``.
         box_jitter: fraction of the box size each edge may move when boxes come from labels.
         slice_axis: for 3D input ``(B, 1, X, Y, Z)``, the spatial axis (0, 1, 2) to slice along.
-        slice_batch: slices per encoder batch in 3D.
+        slice_batch: images (2D images or slices of volumes) per encoder call and, in 3D, per teacher pass.
         cache_dir: folder of the encoder-output cache; ``None`` disables caching.
         seed: seed of the prompt jitter / point sampling generator.
     """
@@ -207,10 +207,16 @@ class GeneralizedTeacher(nn.Module):
 
     # -- encoder (cached) -----------------------------------------------------------------------
     def _encode_uncached(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        self._captured.clear()
-        embedding = self.model.image_encoder(self.preprocess(images))
-        feats = {name: self._as_map(self._captured[name]) for name in self.feature_names}
-        return [{"embedding": embedding[j], **{k: v[j] for k, v in feats.items()}} for j in range(len(images))]
+        """Encoder outputs per image, at most ``slice_batch`` images per encoder call (its activations
+        are the teacher's memory peak)."""
+        entries = []
+        for start in range(0, len(images), self.slice_batch):
+            self._captured.clear()
+            embedding = self.model.image_encoder(self.preprocess(images[start : start + self.slice_batch]))
+            feats = {name: self._as_map(self._captured[name]) for name in self.feature_names}
+            for j in range(len(embedding)):
+                entries.append({"embedding": embedding[j], **{k: v[j] for k, v in feats.items()}})
+        return entries
 
     @staticmethod
     def _as_map(x: torch.Tensor) -> torch.Tensor:
@@ -321,16 +327,22 @@ class GeneralizedTeacher(nn.Module):
             return self.make_prompts(labels)
         return Prompts(torch.zeros(len(images), self.num_classes - 1, dtype=torch.bool, device=images.device))
 
+    def to_slices(self, volumes: torch.Tensor) -> torch.Tensor:
+        """``(B, C, X, Y, Z)`` -> ``(B * S, C, H, W)``: the 2D slices along ``slice_axis``, volume by volume."""
+        slices = volumes.movedim(2 + self.slice_axis, 1)  # (B, S, C, H, W)
+        return slices.reshape(-1, *slices.shape[2:])
+
+    def from_slices(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+        """Inverse of :meth:`to_slices` for per-slice maps ``(B * S, ..., h, w)`` (the last two dims are
+        the slice's spatial dims): the slice axis goes back among the spatial dims."""
+        x = x.reshape(batch, -1, *x.shape[1:])
+        return x.movedim(1, x.ndim - 3 + self.slice_axis)
+
     def _forward_3d(self, volumes: torch.Tensor, labels: torch.Tensor | None, with_fusion: bool) -> TeacherOutput:
         """Slice-wise along ``slice_axis``: slices are batched through the 2D path and restacked."""
-        axis = 2 + self.slice_axis  # dim of the slice axis in (B, 1, X, Y, Z)
         b = volumes.shape[0]
-        slices = volumes.movedim(axis, 1)  # (B, S, 1, H, W)
-        n_slices = slices.shape[1]
-        flat = slices.reshape(b * n_slices, *slices.shape[2:])
-        flat_labels = None
-        if labels is not None:
-            flat_labels = labels.movedim(axis, 1).reshape(b * n_slices, *labels.movedim(axis, 1).shape[2:])
+        flat = self.to_slices(volumes)
+        flat_labels = None if labels is None else self.to_slices(labels)
         parts: list[TeacherOutput] = []
         for start in range(0, len(flat), self.slice_batch):
             chunk = flat[start : start + self.slice_batch]
@@ -338,15 +350,13 @@ class GeneralizedTeacher(nn.Module):
             parts.append(self._forward_2d(chunk, self._prompts_or_abstain(chunk_labels, chunk), with_fusion))
 
         def restack(tensors: list[torch.Tensor]) -> torch.Tensor:
-            x = torch.cat(tensors)  # (B*S, ..., h, w): the last two dims are the slice's spatial dims
-            x = x.reshape(b, n_slices, *x.shape[1:])
-            return x.movedim(1, x.ndim - 3 + self.slice_axis)  # slice axis back among the spatial dims
+            return self.from_slices(torch.cat(tensors), b)
 
         return TeacherOutput(
             features={k: restack([p.features[k] for p in parts]) for k in parts[0].features},
             embedding=restack([p.embedding for p in parts]),
             probs=restack([p.probs for p in parts]),
-            valid=torch.cat([p.valid for p in parts]).reshape(b, n_slices, -1),
+            valid=torch.cat([p.valid for p in parts]).reshape(b, len(flat) // b, -1),
             fusion=restack([p.fusion for p in parts]) if with_fusion else None,
         )
 
