@@ -231,7 +231,10 @@ def table(summary: dict) -> str:
         runs = s["test_dice"]["organ"][2]
         for c in CLASSES:
             mean, std, n = s["test_hd95"][c]
-            cells.append(f"{mean:.1f} ± {std:.1f}" + (f" ({n} of {runs} runs)" if n < runs else ""))
+            if n == 0:  # HD95 needs a predicted structure: no run predicted this class at all
+                cells.append(f"n/a (0 of {runs} runs predict it)")
+            else:
+                cells.append(f"{mean:.1f} ± {std:.1f}" + (f" ({n} of {runs} runs)" if n < runs else ""))
         lines.append(f"| {fraction:.0%} | {LABELS[method]} | " + " | ".join(cells) + f" | {runs} |")
     return "\n".join(lines)
 

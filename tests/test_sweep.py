@@ -4,7 +4,7 @@ import json
 
 import nibabel as nib
 
-from bench.sweep import main
+from bench.sweep import main, summarise, table
 
 
 def test_quick_sweep_writes_runs_table_and_plot_and_resumes(tmp_path):
@@ -49,3 +49,24 @@ def test_quick_3d_sweep_trains_and_evaluates_volumes(tmp_path):
     image = next((work / "quick3d" / "data" / "fraction_0.5" / "imagesTr").glob("*.nii.gz"))
     assert nib.load(image).shape == (32, 32, 16)
     assert "| 50% | Mean Teacher |" in page.read_text()
+
+
+def test_table_counts_runs_without_a_finite_hd95_and_says_n_a_when_none_has_one():
+    """A run whose student never predicts a class has no HD95 for it: the table says how many runs
+    the mean is over, and 'n/a' (not 'nan') when it is over none."""
+
+    def run(seed: int, lesion_hd95: float) -> dict:
+        metrics = {
+            "test_dice": {"organ": {"mean": 0.8}, "lesion": {"mean": 0.0 if lesion_hd95 != lesion_hd95 else 0.3}},
+            "test_hd95": {"organ": {"mean": 5.0 + seed}, "lesion": {"mean": lesion_hd95}},
+        }
+        return {"fraction": 0.1, "method": "uncol", "seed": seed, "metrics": metrics}
+
+    nan = float("nan")
+    rows = table(summarise([run(0, nan), run(1, 4.0), run(2, 6.0)])).splitlines()
+    assert (
+        rows[2]
+        == "| 10% | UnCoL (both teachers) | 0.800 ± 0.000 | 0.200 ± 0.173 | 6.0 ± 1.0 | 5.0 ± 1.4 (2 of 3 runs) | 3 |"
+    )
+    rows = table(summarise([run(0, nan), run(1, nan)])).splitlines()
+    assert rows[2].endswith("| n/a (0 of 2 runs predict it) | 2 |") and "nan" not in rows[2]
