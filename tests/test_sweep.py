@@ -1,6 +1,7 @@
 """The label-ratio sweep harness, in its --quick mode (one seed, tiny images and models)."""
 
 import json
+import math
 
 import nibabel as nib
 
@@ -57,7 +58,7 @@ def test_table_counts_runs_without_a_finite_hd95_and_says_n_a_when_none_has_one(
 
     def run(seed: int, lesion_hd95: float) -> dict:
         metrics = {
-            "test_dice": {"organ": {"mean": 0.8}, "lesion": {"mean": 0.0 if lesion_hd95 != lesion_hd95 else 0.3}},
+            "test_dice": {"organ": {"mean": 0.8}, "lesion": {"mean": 0.0 if math.isnan(lesion_hd95) else 0.3}},
             "test_hd95": {"organ": {"mean": 5.0 + seed}, "lesion": {"mean": lesion_hd95}},
         }
         return {"fraction": 0.1, "method": "uncol", "seed": seed, "metrics": metrics}
