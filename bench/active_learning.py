@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import replace_section  # noqa: E402
 from bench.sweep import CONFIGS, DOCS, commit  # noqa: E402
+from custom.handlers.checkpoints import student_state  # noqa: E402
 
 DEFAULT_ROOT = ROOT / "bundle" / "eval" / "sweep" / "2d" / "fraction_0.1" / "seed0" / "uncol"
 
@@ -38,7 +39,7 @@ def student_errors(bundle_root: Path, overrides: dict, cases: list[dict]) -> dic
     parser.read_config(str(CONFIGS / "train.json"))
     parser.update(overrides)
     network = parser.get_parsed_content("network").eval()
-    network.load_state_dict(torch.load(bundle_root / "models" / "model.pt", map_location="cpu", weights_only=True))
+    network.load_state_dict(student_state(bundle_root / "models" / "model.pt"))
     transform = Compose(
         [*parser.get_parsed_content("train#deterministic_transforms"), DivisiblePadd(["image", "label"], 16)]
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from custom.handlers.checkpoints import student_state
 from custom.losses.pseudo_label import shannon_entropy
 
 
@@ -71,7 +72,7 @@ def load_specialized(network: torch.nn.Module, checkpoint: str | Path) -> torch.
     """The specialized (EMA) teacher from stage 2's ``stage2_last.pt`` (key ``ema``), else the student
     weights of a plain state dict (``model.pt``)."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    network.load_state_dict(state["ema"] if isinstance(state, dict) and "ema" in state else state, strict=True)
+    network.load_state_dict(state["ema"] if "ema" in state else student_state(checkpoint), strict=True)
     return network
 
 

@@ -60,6 +60,7 @@ def export_torchscript(target: Path) -> None:
     subprocess.run(
         [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def",
          "--filepath", str(target / "models" / "model.ts"), "--ckpt_file", str(target / "models" / "model.pt"),
+         "--key_in_ckpt", "model",
          "--meta_file", str(configs / "metadata.json"), "--config_file", str(configs / "inference.json"),
          "--bundle_root", str(target)],
         check=True,

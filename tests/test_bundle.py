@@ -15,6 +15,8 @@ import torch
 from conftest import CONFIGS, REPO, TINY_NET, tiny_train_overrides
 from monai.bundle import ConfigParser, ConfigWorkflow, run
 
+from custom.handlers.checkpoints import student_state
+
 TRAIN = str(CONFIGS / "train.json")
 INFER = str(CONFIGS / "inference.json")
 EVALUATE = str(CONFIGS / "evaluate.json")
@@ -45,7 +47,7 @@ def trained(tmp_path_factory):
 def test_training_runs_stage1_first_then_stage2_and_logs_the_gate(trained):
     assert "running stage 1 (pretrain) first" in trained.stdout
     # stage 1 ran on the very data stage 2 uses (the tiny 32x32 set), not a regenerated default set
-    assert "> use_embedded_data: False" in trained.stdout
+    assert "on this configuration" in trained.stdout
     datalist = json.loads((trained.root / "data" / "phantom2d" / "datalist.json").read_text())
     assert datalist["generator"]["shape"] == [32, 32] and len(datalist["test"]) == 2
     assert "stage 2 starts from the stage 1 student" in trained.stdout
@@ -67,8 +69,7 @@ def test_training_writes_a_loadable_checkpoint(trained):
     parser = ConfigParser({**ConfigParser.load_config_file(TRAIN), "bundle_root": str(trained.root)})
     parser.update(TINY_NET)
     network = parser.get_parsed_content("network_def")
-    state = torch.load(trained.root / "models" / "model.pt", map_location="cpu", weights_only=True)
-    network.load_state_dict(state, strict=True)
+    network.load_state_dict(student_state(trained.root / "models" / "model.pt"), strict=True)
 
 
 def test_training_resumes_from_its_last_checkpoint(trained, tmp_path):
@@ -80,7 +81,7 @@ def test_training_resumes_from_its_last_checkpoint(trained, tmp_path):
     assert "running stage 1" not in log
     state = torch.load(root / "models" / "stage2_last.pt", map_location="cpu", weights_only=True)
     assert state["trainer"]["iteration"] == 6 and state["trainer"]["max_epochs"] == 3
-    assert set(state) == {"model", "ema", "optimizer", "lr_scheduler", "trainer", "best_checkpoint"}
+    assert set(state) == {"model", "ema", "optimizer", "lr_scheduler", "trainer", "best_checkpoint", "record"}
 
 
 @pytest.mark.parametrize("teachers", ["specialized", "generalized"])
@@ -224,15 +225,17 @@ def test_3d_variant_trains_both_stages(tmp_path):
     # stage 1 runs without distillation and stage 2 as Mean Teacher; test_generalized covers 3D teachers
     run("pretrain", config_file=[TRAIN, train3d, str(CONFIGS / "pretrain.json")], distillation="none", **overrides)
     run("training", config_file=[TRAIN, train3d], teachers="specialized", **overrides)
-    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+    state = student_state(tmp_path / "models" / "model.pt")
     assert state["patch_embed.weight"].ndim == 5  # a 3D convolution: the 3D student was trained
 
 
 def test_inference_and_training_build_the_same_network():
     train, infer = ConfigParser.load_config_file(TRAIN), ConfigParser.load_config_file(INFER)
     assert train["network_def"] == infer["network_def"]
-    for key in ("spatial_dims", "num_classes", "axcodes", "pixdim", "roi_size"):
+    for key in ("spatial_dims", "axcodes", "pixdim", "roi_size"):
         assert train[key] == infer[key], key
+    # inference takes the number of classes from the checkpoint's training record
+    assert infer["num_classes"]["_target_"].endswith("recorded_value")
 
 
 def test_training_killed_mid_run_resumes_from_its_last_epoch(tmp_path):

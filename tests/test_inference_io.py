@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, TINY_NET
+from conftest import CONFIGS, TINY_NET, save_student
 from monai.bundle import run
 from monai.transforms import LoadImage
 
@@ -61,8 +61,7 @@ def model_3d(tmp_path):
     torch.manual_seed(0)
     net = UnCoLStudent(spatial_dims=3, **{k.split("#")[1]: v for k, v in TINY_NET.items()})
     path = tmp_path / "model.pt"
-    torch.save(net.state_dict(), path)
-    return path
+    return save_student(net, path)
 
 
 def _infer(ckpt, src, out):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS, REPO, save_student
 
 #: the MONAI metadata schema, provided beside the project (no network here; see ../shared/monai/README.md);
 #: UNCOL_META_SCHEMA points elsewhere, e.g. for a clone that does not sit beside ../shared
@@ -58,11 +58,11 @@ def test_ckpt_export_writes_torchscript_of_the_student_only(tmp_path):
 
     torch.manual_seed(0)
     student = UnCoLStudent(spatial_dims=2).eval()
-    torch.save(student.state_dict(), tmp_path / "model.pt")
+    ckpt = save_student(student, tmp_path / "model.pt")
     ts = tmp_path / "model.ts"
     out = _bundle(
-        "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(tmp_path / "model.pt"),
-        "--meta_file", META, "--config_file", str(CONFIGS / "inference.json"),
+        "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(ckpt), "--key_in_ckpt", "model",
+        "--meta_file", META, "--config_file", str(CONFIGS / "inference.json"), "--ckpt_path", str(ckpt),
     )  # fmt: skip
     assert out.returncode == 0 and ts.is_file(), out.stderr
     exported = torch.jit.load(str(ts))

@@ -65,11 +65,15 @@ def test_stage1_run_writes_the_checkpoint_stage2_loads(pretrained):
 
 
 def test_exported_network_is_the_student_alone(pretrained):
-    state = torch.load(pretrained.root / "models" / "pretrain.pt", map_location="cpu", weights_only=True)
+    ckpt = pretrained.root / "models" / "pretrain.pt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert set(saved) == {"model", "record"}  # the student's weights and what they were trained for
+    assert saved["record"]["num_classes"] == 3 and saved["record"]["class_names"] == ["organ", "lesion"]
+    state = saved["model"]
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "inference.json"))
-    parser.update({"bundle_root": str(pretrained.root), **TINY_NET})
-    student = parser.get_parsed_content("network_def")
+    parser.update({"bundle_root": str(pretrained.root), "ckpt_path": str(ckpt), **TINY_NET})
+    student = parser.get_parsed_content("network_def")  # the number of classes comes from the record
     assert set(state) == set(student.state_dict())  # no teacher, adapter or projection weights
     assert not any(k.startswith(("model.", "adapter", "projections", "teacher")) for k in state)
     student.load_state_dict(state, strict=True)

@@ -5,19 +5,19 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import torch
-from conftest import CONFIGS, TINY_NET
+from conftest import CONFIGS, TINY_NET, save_student
 from monai.bundle import run
 from PIL import Image
 
-from custom.handlers.previews import SegmentationPreview
+from custom.handlers.previews import CLASS_COLOURS, SegmentationPreview, class_colours
 
 
 def test_inference_writes_previews_with_entropy_in_the_input_space(tmp_path):
     from custom.networks.student import UnCoLStudent
 
     torch.manual_seed(0)
-    torch.save(UnCoLStudent(spatial_dims=2, **{k.split("#")[1]: v for k, v in TINY_NET.items()}).state_dict(),
-               tmp_path / "model.pt")  # fmt: skip
+    student = UnCoLStudent(spatial_dims=2, **{k.split("#")[1]: v for k, v in TINY_NET.items()})
+    save_student(student, tmp_path / "model.pt")
     src = tmp_path / "in"
     src.mkdir()
     affine = np.diag([-0.8, 0.8, 1.0, 1.0])
@@ -53,3 +53,10 @@ def test_preview_of_a_volume_shows_the_chosen_slice(tmp_path):
         return (x[..., 0] - x[..., 1] > 60) & (x[..., 0] - x[..., 2] > 60)
 
     assert reddish(c).any() and not reddish(m).any()
+
+
+def test_every_class_gets_its_own_colour_for_any_number_of_classes():
+    colours = class_colours(12)
+    assert colours[:4] == CLASS_COLOURS and len(colours) == 12
+    assert len({tuple(round(c, 3) for c in colour) for colour in colours}) == 12
+    assert class_colours(2) == CLASS_COLOURS[:2]

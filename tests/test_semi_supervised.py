@@ -59,6 +59,17 @@ def test_flip_rot90_applies_one_transform_to_every_tensor():
     assert len(seen) == 8  # all 4 rotations x 2 flips occur
 
 
+def test_non_square_batches_keep_their_shape_under_the_random_flip_rotation():
+    g = torch.Generator().manual_seed(0)
+    image = torch.arange(2 * 4 * 6, dtype=torch.float32).reshape(2, 1, 4, 6)
+    seen = set()
+    for _ in range(30):
+        out_image, out_label = random_flip_rot90([image, image.long()], generator=g)
+        assert out_image.shape == image.shape and torch.equal(out_image.long(), out_label)
+        seen.add(tuple(out_image[0].flatten()[:3].tolist()))
+    assert len(seen) == 4  # identity, half-turn and the two flips: every shape-preserving view occurs
+
+
 def test_two_streams_iterate_in_lockstep():
     loader = TwoStreamLoader([1, 2, 3], ["a", "b"])
     assert len(loader) == 2

@@ -265,6 +265,56 @@ def lists_as_training(datalist: str | Path, labelled: list[dict]) -> bool:
     return bool(labelled) and all(str(Path(item["image"]).resolve()) in listed for item in labelled)
 
 
+def load_classes(datalist: str | Path, required: bool = True, embedded: bool = False) -> list[str] | None:
+    """Class names by label value, background first, from a datalist's ``labels`` (the Decathlon
+    convention: ``{"0": "background", "1": "liver", ...}``), which must name every value ``0..N-1``.
+    A datalist without ``labels`` is an error when ``required``, else gives ``None``. With ``embedded``
+    a datalist not generated yet has the embedded phantoms' classes."""
+    path = Path(datalist)
+    try:
+        if embedded and not path.is_file():
+            from custom.data.phantoms import CLASS_NAMES
+
+            return [CLASS_NAMES[str(v)] for v in range(len(CLASS_NAMES))]
+        if not path.is_file():
+            raise DatalistError(f"{path}: datalist file does not exist")
+        labels = json.loads(path.read_text()).get("labels")
+    except DatalistError:
+        raise
+    except (OSError, ValueError, AttributeError) as err:
+        raise DatalistError(f"{path}: cannot read the datalist's 'labels' ({type(err).__name__}: {err})") from err
+    if labels is None:
+        if not required:
+            return None
+        raise DatalistError(f"{path}: datalist has no 'labels'; add them or give --num_classes and --class_names")
+    if isinstance(labels, list):
+        labels = dict(enumerate(labels))
+    try:
+        by_value = {int(k): str(v) for k, v in labels.items()}
+    except (AttributeError, TypeError, ValueError) as err:
+        raise DatalistError(f"{path}: 'labels' must map label values to names, got {labels!r}") from err
+    if sorted(by_value) != list(range(len(by_value))) or len(by_value) < 2:
+        raise DatalistError(f"{path}: 'labels' must name the values 0..N-1 (N >= 2), got {sorted(by_value)}")
+    return [by_value[v] for v in range(len(by_value))]
+
+
+def check_classes(datalist: str | Path, num_classes: int, class_names: list[str]) -> int:
+    """Stop when the classes of a run disagree: ``class_names`` must name ``num_classes - 1`` foreground
+    classes, and a datalist with ``labels`` must declare ``num_classes`` of them. Returns ``num_classes``."""
+    if len(class_names) != num_classes - 1:
+        raise DatalistError(
+            f"class_names {list(class_names)} names {len(class_names)} classes, but num_classes {num_classes} "
+            f"has {num_classes - 1} foreground classes"
+        )
+    declared = load_classes(datalist, required=False)
+    if declared is not None and len(declared) != num_classes:
+        raise DatalistError(
+            f"{datalist}: its 'labels' declare {len(declared)} classes ({', '.join(declared)}), "
+            f"but num_classes is {num_classes}"
+        )
+    return num_classes
+
+
 def find_images(
     path: str | Path, patterns: tuple[str, ...] = IMAGE_PATTERNS, spatial_dims: int | None = None
 ) -> list[dict]:
@@ -305,3 +355,5 @@ def exit_on_error(loader: Callable[..., T]) -> Callable[..., T]:
 bundle_datalist = exit_on_error(load_datalist)
 bundle_images = exit_on_error(find_images)
 bundle_unlabelled = exit_on_error(load_unlabelled)
+bundle_classes = exit_on_error(load_classes)
+bundle_check_classes = exit_on_error(check_classes)

@@ -134,11 +134,14 @@ class DistillationIteration:
 def random_flip_rot90(tensors: list[torch.Tensor], generator: torch.Generator | None = None) -> list[torch.Tensor]:
     """Apply one random flip / 90-degree rotation per sample, the same to every tensor in ``tensors``
     (all ``(B, C, *S)``, same ``S``), in the first two spatial axes. Keeps pseudo-labels aligned with
-    the student's view of the image."""
+    the student's view of the image. Where those axes differ in length only half-turns are drawn, so
+    every sample keeps the batch's shape."""
     out: list[list[torch.Tensor]] = [[] for _ in tensors]
     dims = (2, 3)
+    square = tensors[0].shape[2] == tensors[0].shape[3]
     for i in range(tensors[0].shape[0]):
-        k = int(torch.randint(4, (1,), generator=generator))
+        turns = torch.randint(4 if square else 2, (1,), generator=generator)
+        k = int(turns) if square else 2 * int(turns)
         flip = bool(torch.randint(2, (1,), generator=generator))
         for j, t in enumerate(tensors):
             x = t[i : i + 1]

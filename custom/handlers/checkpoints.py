@@ -3,10 +3,11 @@ the newest complete state found again on resume."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -134,3 +135,152 @@ def latest_checkpoint(ckpt_dir: str | Path, final_name: str = "stage2_last.pt", 
         logger.info(f"resuming from {path}")
         return str(path)
     raise SystemExit(f"error: {ckpt_dir}: no readable training state to resume from")
+
+
+# -- what a checkpoint was trained for ------------------------------------------------------------
+
+#: fields a checkpoint's network cannot load without (a mismatch is never accepted)
+ARCHITECTURE_FIELDS = ("spatial_dims", "num_classes", "network")
+#: the network attributes that together fix its architecture
+NETWORK_ATTRIBUTES = (
+    "spatial_dims", "in_channels", "out_channels", "hidden_size", "mlp_dim", "num_heads", "num_layers",
+    "feature_size", "decoder",
+)  # fmt: skip
+
+
+def describe_network(network: torch.nn.Module) -> dict:
+    """The architecture of a student network, as plain values (class name and constructor settings)."""
+    return {"class": type(network).__name__, **{k: getattr(network, k, None) for k in NETWORK_ATTRIBUTES}}
+
+
+def labelled_fingerprint(items: list[dict]) -> str:
+    """Fingerprint of a labelled training set: the number of cases and a SHA-256 over each case's image
+    file name and label file content (moving the dataset to another folder keeps it; changing, adding
+    or removing a labelled case changes it)."""
+    digest = hashlib.sha256()
+    for name, label in sorted((Path(item["image"]).name, str(item["label"])) for item in items):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(Path(label).read_bytes()).digest())
+    return f"{len(items)} cases, sha256 {digest.hexdigest()[:16]}"
+
+
+class TrainingRecord:
+    """What a checkpoint was trained for, saved in every checkpoint the bundle writes (key ``record``)
+    and checked before one is loaded, so a checkpoint is never applied to data it was not trained for.
+
+    Fields left ``None`` are unknown to the config at hand and not compared (inference knows no
+    labelled cases). ``state_dict``/``load_state_dict`` make it a checkpoint entry for MONAI's savers
+    and loaders; loading a state that does not match stops the run.
+
+    Args:
+        network: the student (spatial dims, classes and size are read from it).
+        axcodes: orientation the images are resampled to.
+        pixdim: voxel size the images are resampled to.
+        class_names: foreground class names.
+        labelled: the labelled training cases (``image``/``label`` dicts) to fingerprint.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        axcodes: str | None = None,
+        pixdim: Sequence[float] | None = None,
+        class_names: Sequence[str] | None = None,
+        labelled: list[dict] | None = None,
+    ) -> None:
+        self.network = network
+        self.axcodes = axcodes
+        self.pixdim = pixdim
+        self.class_names = class_names
+        self.labelled = labelled
+        self._fingerprint: str | None = None
+
+    def state_dict(self) -> dict:
+        if self.labelled is not None and self._fingerprint is None:
+            self._fingerprint = labelled_fingerprint(self.labelled)
+        network = describe_network(self.network)
+        record = {
+            "spatial_dims": network["spatial_dims"],
+            "num_classes": network["out_channels"],
+            "network": network,
+            "axcodes": self.axcodes,
+            "pixdim": None if self.pixdim is None else [float(p) for p in self.pixdim],
+            "class_names": None if self.class_names is None else list(self.class_names),
+            "labelled_cases": self._fingerprint,
+        }
+        return {k: v for k, v in record.items() if v is not None}
+
+    def load_state_dict(self, state: dict) -> None:
+        problems = self.differences(state)
+        if problems:
+            raise SystemExit(f"error: the checkpoint being loaded was trained for other data: {'; '.join(problems)}")
+
+    def differences(self, recorded: dict | None, fields: Sequence[str] | None = None) -> list[str]:
+        """What differs between ``recorded`` and this config, as ``"<field> <recorded> here <this>"``."""
+        if recorded is None:
+            return ["it has no training record (written by another tool or an older version of this bundle)"]
+        expected = self.state_dict()
+        out = []
+        for key in fields or expected:
+            if key in expected and recorded.get(key) != expected[key]:
+                if key == "network":
+                    was, now = recorded.get(key) or {}, expected[key]
+                    changed = [f"{k} {was.get(k)} here {now.get(k)}" for k in now if was.get(k) != now.get(k)]
+                    out.append("network " + ", ".join(changed))
+                else:
+                    out.append(f"{key} {recorded.get(key)} here {expected[key]}")
+        return out
+
+    def check(self, path: str | Path, fields: Sequence[str] | None = None, advice: str = "") -> None:
+        """Stop with one line naming ``path`` and what differs, when the checkpoint at ``path`` was trained
+        for something else than this config (only ``fields`` compared, when given)."""
+        if not Path(path).is_file():
+            raise SystemExit(f"error: {path}: checkpoint file does not exist")
+        problems = self.differences(read_record(path), fields)
+        if problems:
+            raise SystemExit(f"error: {path}: {'; '.join(problems)}{'; ' + advice if advice else ''}")
+
+
+def read_record(path: str | Path) -> dict | None:
+    """The training record saved in a bundle checkpoint, ``None`` when it has none (plain state dict)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    record = state.get("record") if isinstance(state, dict) else None
+    return record if isinstance(record, dict) else None
+
+
+def recorded_value(path: str | Path, key: str, default: object = None) -> object:
+    """One field of a checkpoint's training record, so inference takes e.g. the number of classes from
+    the model it runs. ``default`` stands in while there is no checkpoint file yet (model-zoo tools
+    build the network from the config alone); a checkpoint without the field stops the run."""
+    if not Path(path).is_file() and default is not None:
+        return default
+    record = read_record(path) if Path(path).is_file() else None
+    if record is None or key not in record:
+        raise SystemExit(f"error: {path}: no training record with '{key}'; give --{key} on the command line")
+    return record[key]
+
+
+def student_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The student weights of a bundle checkpoint: ``model`` of a recorded checkpoint, else the file's
+    plain state dict."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state["model"] if isinstance(state, dict) and isinstance(state.get("model"), dict) else state
+
+
+#: the checkpoints a training run writes in its ``ckpt_dir``
+BUNDLE_CHECKPOINTS = ("pretrain.pt", "model.pt", "stage2_last.pt", "checkpoint_epoch=*.pt")
+
+
+def check_checkpoint_dir(ckpt_dir: str | Path, record: TrainingRecord, same_data: bool = True) -> str:
+    """Stop before anything is written when ``ckpt_dir`` holds a checkpoint of another training (other
+    classes, network, geometry or labelled cases): this run would replace it, or resume or start from
+    it. With ``same_data`` False (MONAI Label's own labelled pairs refine the bundle's model on
+    purpose) the labelled cases may differ. Returns ``ckpt_dir``."""
+    fields = None if same_data else [f for f in record.state_dict() if f != "labelled_cases"]
+    for pattern in BUNDLE_CHECKPOINTS:
+        for path in sorted(Path(ckpt_dir).glob(pattern)):
+            record.check(
+                path,
+                fields,
+                "it belongs to another training: use a fresh --ckpt_dir (or --fine_tune_from it with a fresh one)",
+            )
+    return str(ckpt_dir)

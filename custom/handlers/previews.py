@@ -13,8 +13,20 @@ from ignite.engine import Engine, Events
 
 logger = logging.getLogger(__name__)
 
-#: overlay colours per foreground class (RGBA), cycled beyond the second
+#: overlay colours of the first foreground classes (RGBA); :func:`class_colours` extends them
 CLASS_COLOURS = [(1.0, 0.85, 0.1, 1.0), (0.9, 0.1, 0.1, 1.0), (0.1, 0.6, 1.0, 1.0), (0.2, 0.9, 0.3, 1.0)]
+
+
+def class_colours(num_foreground: int) -> list[tuple[float, float, float, float]]:
+    """One distinct overlay colour per foreground class, for any number of classes: the four above,
+    then hues spread by the golden angle (no two classes share a colour)."""
+    import colorsys
+
+    colours = list(CLASS_COLOURS[:num_foreground])
+    for k in range(len(colours), num_foreground):
+        hue = (0.11 + 0.618034 * k) % 1.0
+        colours.append((*colorsys.hsv_to_rgb(hue, 0.85, 0.95), 1.0))
+    return colours
 
 
 def _name(item: dict, key: str) -> str:
@@ -98,7 +110,7 @@ class SegmentationPreview:
         ax = axes[0, 0]
         ax.imshow(planes[0], cmap="gray", origin="lower")
         n_fg = int(labels.max()) if labels.size else 0
-        colours = [(0, 0, 0, 0)] + [CLASS_COLOURS[k % len(CLASS_COLOURS)] for k in range(max(n_fg, 1))]
+        colours = [(0, 0, 0, 0), *class_colours(max(n_fg, 1))]
         ax.imshow(np.ma.masked_equal(planes[1], 0), cmap=ListedColormap(colours), vmin=0, vmax=len(colours) - 1,
                   alpha=0.45, origin="lower", interpolation="nearest")  # fmt: skip
         ax.set_title("segmentation")

@@ -89,8 +89,14 @@ class UnCoLStudent(nn.Module):
             raise ValueError(f"decoder must be 'unet' or 'vnet', got {decoder!r}.")
         res = decoder == "vnet"
         self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = out_channels
         self.hidden_size = hidden_size
+        self.mlp_dim = mlp_dim
+        self.num_heads = num_heads
         self.num_layers = num_layers
+        self.feature_size = feature_size
+        self.decoder = decoder  # these settings are what a checkpoint's training record names
         self.patch_size = PATCH_SIZE
         # skips come from the transformer layers spread evenly before the last (1, 2, 3 for depth 4)
         self.skip_layers = [num_layers * k // 4 for k in (1, 2, 3)]

@@ -5,8 +5,17 @@ For 2D images (or 3D volumes, slice by slice) plus per-class prompts it returns
 1. ``features``: intermediate image-encoder features at the configured stage/block indices
    (the visual distillation path's targets), as ``(B, C_l, h_l, w_l)`` maps;
 2. ``fusion``: the image tokens after the mask decoder's two-way transformer has attended to each
-   class's prompt, ``(B, C, 256, 64, 64)`` (the semantic path's target; zeros where it abstains);
+   class's prompt, ``(B, C, 256, h, w)`` (the semantic path's target; zeros where it abstains);
 3. ``probs``: a ``(B, 1 + C, H, W)`` class-probability map on the input grid (stage 2's pseudo-labels).
+
+The encoder sees the image resized so its longest side is the model's input size and padded
+bottom/right to a square, so its maps cover that padded square. ``features`` and ``fusion`` are
+cropped to the image's own region and resampled (exact area weights, the region's edge may fall
+inside a map cell) so that they cover exactly the image, at about the encoder's resolution:
+``(64, 64)`` for a square image with LiteMedSAM (returned unchanged), ``(64, 48)`` for a 64x48 one,
+``(54, 64)`` for 176x208. Pooling them to the student's token grid therefore puts each target on
+the tokens of the structure it describes. ``embedding`` stays the full padded map, which the mask
+decoder needs.
 
 ``probs`` is composed from the per-class mask probabilities ``p_c`` in painter's order: starting
 from certain background, classes are laid on from the largest predicted mask to the smallest, each
@@ -178,6 +187,32 @@ class GeneralizedTeacher(nn.Module):
         scale = self.spec.image_size / max(h, w)
         return int(h * scale + 0.5), int(w * scale + 0.5)
 
+    def crop_to_image(self, maps: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+        """``(..., h, w)`` maps over the encoder's padded square -> maps over the image's region only.
+
+        An ``(H, W)`` image fills ``[0, nh / s) x [0, nw / s)`` of the padded ``s x s`` input (see
+        :meth:`preprocess`), i.e. ``h * nh / s`` rows and ``w * nw / s`` columns of the map, fractional in
+        general. That box is resampled onto ``round(h * nh / s) x round(w * nw / s)`` cells, each the exact
+        area average of the map cells (or fractions of cells) it covers; an axis whose box is a whole
+        number of cells is sliced. A square image's maps are returned unchanged.
+        """
+        size = self.spec.image_size
+        nh, nw = self._resized_size(*image_hw)
+        if (nh, nw) == (size, size):
+            return maps
+        h, w = maps.shape[-2:]
+        extent_h, extent_w = h * nh / size, w * nw / size
+        out_h, out_w = max(1, int(extent_h + 0.5)), max(1, int(extent_w + 0.5))
+        if extent_h == out_h:
+            maps = maps[..., :out_h, :]
+        else:
+            maps = _area_weights(extent_h, h, out_h).to(maps) @ maps
+        if extent_w == out_w:
+            maps = maps[..., :out_w]
+        else:
+            maps = maps @ _area_weights(extent_w, w, out_w).to(maps).T
+        return maps
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """``(N, 1 or 3, H, W)`` any intensities -> the encoder's normalised, resized, padded RGB input."""
         n, ch, h, w = images.shape
@@ -259,15 +294,16 @@ class GeneralizedTeacher(nn.Module):
     def decode(
         self, embedding: torch.Tensor, prompts: Prompts, size: tuple[int, int], with_fusion: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-class mask probabilities ``(B, C, H, W)`` and fusion features ``(B, C, 256, h, w)``; every
-        valid (image, class) prompt of the batch goes through the mask decoder in one call."""
+        """Per-class mask probabilities ``(B, C, H, W)`` and fusion features ``(B, C, 256, h, w)`` over the
+        image's region (:meth:`crop_to_image`); every valid (image, class) prompt of the batch goes through
+        the mask decoder in one call."""
         b, c = prompts.valid.shape
         h, w = size
         mask_probs = embedding.new_zeros(b, c, h, w)
         fusion = embedding.new_zeros(b, c, *embedding.shape[1:]) if with_fusion else None
         images, classes = torch.nonzero(prompts.valid.to(embedding.device), as_tuple=True)
         if images.numel() == 0:
-            return mask_probs, fusion
+            return mask_probs, None if fusion is None else self.crop_to_image(fusion, size)
         nh, nw = self._resized_size(h, w)
         scale = torch.tensor([nw / w, nh / h], device=embedding.device)
         boxes = None if prompts.boxes is None else prompts.boxes.to(embedding)[images, classes] * scale.repeat(2)
@@ -281,15 +317,17 @@ class GeneralizedTeacher(nn.Module):
         mask_probs[images, classes] = torch.sigmoid(self.postprocess(low_res, size))[:, 0]
         if fusion is not None:
             fusion[images, classes] = image_tokens.transpose(1, 2).reshape(len(images), *embedding.shape[1:])
+            fusion = self.crop_to_image(fusion, size)
         return mask_probs, fusion
 
     # -- the whole teacher ----------------------------------------------------------------------
     def _forward_2d(self, images: torch.Tensor, prompts: Prompts, with_fusion: bool) -> TeacherOutput:
+        size = tuple(images.shape[-2:])
         enc = self.encode(images)
         embedding = enc.pop("embedding")
-        mask_probs, fusion = self.decode(embedding, prompts, tuple(images.shape[-2:]), with_fusion)
+        mask_probs, fusion = self.decode(embedding, prompts, size, with_fusion)
         return TeacherOutput(
-            features=enc,
+            features={k: self.crop_to_image(v, size) for k, v in enc.items()},
             embedding=embedding,
             probs=compose_class_probs(mask_probs, prompts.valid),
             valid=prompts.valid,
@@ -359,6 +397,17 @@ class GeneralizedTeacher(nn.Module):
             valid=torch.cat([p.valid for p in parts]).reshape(b, len(flat) // b, -1),
             fusion=restack([p.fusion for p in parts]) if with_fusion else None,
         )
+
+
+def _area_weights(extent: float, n_in: int, n_out: int) -> torch.Tensor:
+    """``(n_out, n_in)`` weights resampling the span ``[0, extent)`` of ``n_in`` unit cells onto ``n_out``
+    equal cells: row ``i`` holds the overlap of output cell ``i`` with each input cell over its length
+    (exact area averaging; rows sum to one)."""
+    edges = torch.linspace(0.0, extent, n_out + 1, dtype=torch.float64)
+    lo, hi = edges[:-1, None], edges[1:, None]
+    cells = torch.arange(n_in, dtype=torch.float64)[None]
+    overlap = (torch.minimum(hi, cells + 1) - torch.maximum(lo, cells)).clamp_min(0)
+    return (overlap / (hi - lo)).float()
 
 
 def _clone_out_of_inference(out: TeacherOutput) -> TeacherOutput:
