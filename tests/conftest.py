@@ -68,7 +68,7 @@ def lite_teacher():
     return GeneralizedTeacher("litemedsam", num_classes=3)
 
 
-def save_student(network, path: Path) -> Path:
+def save_student(network, path: Path, class_names: tuple[str, ...] = ("organ", "lesion")) -> Path:
     """Save ``network`` as the bundle saves a student (weights under ``model`` and a training record
     with the default orientation and spacing of its dims), so inference configs accept it."""
     import torch
@@ -76,6 +76,6 @@ def save_student(network, path: Path) -> Path:
     from custom.handlers.checkpoints import TrainingRecord
 
     axcodes, pixdim = ("RA", [1.0, 1.0]) if network.spatial_dims == 2 else ("RAS", [1.25, 1.25, 2.0])
-    record = TrainingRecord(network, axcodes=axcodes, pixdim=pixdim).state_dict()
+    record = TrainingRecord(network, axcodes=axcodes, pixdim=pixdim, class_names=class_names).state_dict()
     torch.save({"model": network.state_dict(), "record": record}, path)
     return Path(path)

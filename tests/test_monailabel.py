@@ -43,6 +43,7 @@ def _tiny_bundle(tmp_path):
         content["roi_size"] = [32, 32]
         if name == "train.json":  # a production bundle: no embedded phantoms, a short schedule
             content.update({"use_embedded_data": False, "iterations_per_epoch": 2, "val_interval": 1})
+            content.update({"num_classes": 3, "class_names": ["organ", "lesion"]})  # no datalist to read them from
         path.write_text(json.dumps(content, indent=4))
     config = bundle / "configs" / "inference.json"
     parser = ConfigParser()

@@ -268,7 +268,7 @@ def lists_as_training(datalist: str | Path, labelled: list[dict]) -> bool:
 def load_classes(datalist: str | Path, required: bool = True, embedded: bool = False) -> list[str] | None:
     """Class names by label value, background first, from a datalist's ``labels`` (the Decathlon
     convention: ``{"0": "background", "1": "liver", ...}``), which must name every value ``0..N-1``.
-    A datalist without ``labels`` is an error when ``required``, else gives ``None``. With ``embedded``
+    A missing datalist or one without ``labels`` is an error when ``required``, else gives ``None``. With ``embedded``
     a datalist not generated yet has the embedded phantoms' classes."""
     path = Path(datalist)
     try:
@@ -277,6 +277,8 @@ def load_classes(datalist: str | Path, required: bool = True, embedded: bool = F
 
             return [CLASS_NAMES[str(v)] for v in range(len(CLASS_NAMES))]
         if not path.is_file():
+            if not required:
+                return None
             raise DatalistError(f"{path}: datalist file does not exist")
         labels = json.loads(path.read_text()).get("labels")
     except DatalistError:
