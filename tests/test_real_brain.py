@@ -1,0 +1,167 @@
+"""The real-MRI benchmark (custom.data.real_brain) on the real Debian mricron-data templates, no mocks.
+
+The templates are taken from ``$UNCOL_MRICRON_TEMPLATES`` (a folder holding ``ch2.nii.gz``,
+``aal.nii.gz``, ``aal.nii.txt``, ``inia19-t1-brain.nii.gz``, ``inia19-NeuroMaps.nii.gz``), else
+``/usr/share/mricron/templates`` (``apt-get install mricron-data``), else the package is fetched with
+``apt-get download`` into the user cache as the module does; without any of these the tests skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from custom.data import real_brain
+from custom.data.datalist import load_datalist
+
+SPLITS = ("training", "unlabeled", "validation", "test")
+EXPECTED = {"colin27": {"shape": (181, 217), "spacing": 1.0}, "macaque": {"shape": (168, 206), "spacing": 0.5}}
+
+
+@pytest.fixture(scope="module")
+def source() -> Path:
+    env = os.environ.get(real_brain.SOURCE_ENV)
+    if env:
+        return Path(env)
+    if (real_brain.SYSTEM_TEMPLATES / "ch2.nii.gz").is_file():
+        return real_brain.SYSTEM_TEMPLATES
+    try:
+        return real_brain.fetch_templates()
+    except SystemExit as err:
+        pytest.skip(f"no mricron-data templates ({err}); set {real_brain.SOURCE_ENV}")
+
+
+@pytest.fixture(scope="module")
+def prepared(source, tmp_path_factory) -> dict[str, Path]:
+    """Each task prepared once with the defaults; returns {task: datalist path}."""
+    root = tmp_path_factory.mktemp("real_brain")
+    return {task: real_brain.prepare(root / task, task=task, source=source) for task in EXPECTED}
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _world_z(path: Path) -> float:
+    """The slice's superior-inferior position (mm), from the 2D image's affine."""
+    return float(nib.load(path).affine[2, 3])
+
+
+@pytest.mark.parametrize("task", sorted(EXPECTED))
+def test_every_split_loads_with_the_bundle_checks(prepared, task):
+    path = prepared[task]
+    d = json.loads(path.read_text())
+    assert d["labels"] == {"0": "background", "1": "caudate", "2": "lentiform", "3": "thalamus"}
+    assert {"name", "description", "generator"} <= set(d) and d["generator"]["task"] == task
+    for key in SPLITS:
+        items = load_datalist(path, key, num_classes=4, spatial_dims=2, require_label=key != "unlabeled")
+        assert items, key
+    want = EXPECTED[task]
+    for entry in d["training"] + d["test"]:
+        for role in ("image", "label"):
+            img = nib.load(path.parent / entry[role])
+            assert img.shape == want["shape"]  # the native, non-square in-plane grid
+            assert img.header.get_zooms() == (want["spacing"], want["spacing"])
+            assert np.allclose(np.diag(img.affine)[:2], want["spacing"])
+        assert np.asanyarray(nib.load(path.parent / entry["image"]).dataobj).dtype == np.float32
+    # unlabelled slices keep their hidden labels beside the labelled ones
+    for entry in d["unlabeled"]:
+        assert set(entry) == {"image"}
+        assert (path.parent / entry["image"].replace("imagesTr", "labelsTr")).is_file()
+    n_pool = len(d["training"]) + len(d["unlabeled"])
+    assert len(d["training"]) == max(1, round(0.1 * n_pool))
+
+
+@pytest.mark.parametrize("task", sorted(EXPECTED))
+def test_every_class_is_in_the_test_split_and_the_labelled_slices(prepared, task):
+    path = prepared[task]
+    d = json.loads(path.read_text())
+    for key in ("test", "validation", "training"):
+        values = set()
+        for entry in d[key]:
+            label = np.asanyarray(nib.load(path.parent / entry["label"]).dataobj)
+            values |= set(np.unique(label).tolist())
+        assert values == {0, 1, 2, 3}, (key, values)
+    # each test slice holds every class (the test slab lies where all three nuclei are cut)
+    for entry in d["test"]:
+        assert set(np.unique(np.asanyarray(nib.load(path.parent / entry["label"]).dataobj))) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("task", sorted(EXPECTED))
+def test_no_evaluation_slice_or_its_neighbours_is_trained_on(prepared, task):
+    path = prepared[task]
+    d = json.loads(path.read_text())
+    step = EXPECTED[task]["spacing"]
+    # from the image headers, not from the datalist's bookkeeping
+    z = {key: [_world_z(path.parent / e["image"]) for e in d[key]] for key in SPLITS}
+    train = np.array(z["training"] + z["unlabeled"])
+    for key in ("test", "validation"):
+        held = np.array(z[key])
+        assert len(held) >= 3
+        # contiguous slab
+        assert np.allclose(np.diff(np.sort(held)), step)
+        distance = np.abs(train[:, None] - held[None, :]).min()
+        assert distance >= real_brain.GAP_MM + step - 1e-6, (key, distance)
+    # the datalist's own slice bookkeeping says the same
+    test_slices = set(d["slices"]["test"])
+    neighbours = {s + k for s in test_slices for k in (-1, 0, 1)}
+    assert not neighbours & set(d["slices"]["training"] + d["slices"]["unlabeled"])
+    images = [e["image"] for key in SPLITS for e in d[key]]
+    assert len(images) == len(set(images))
+
+
+def test_preparation_is_deterministic_and_idempotent(source, prepared, tmp_path):
+    for task in EXPECTED:
+        again = real_brain.prepare(tmp_path / task, task=task, source=source)
+        assert _digest(again.parent) == _digest(prepared[task].parent), task
+    # same parameters: nothing is rewritten
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "colin27").rglob("*.nii.gz")}
+    real_brain.prepare(tmp_path / "colin27", task="colin27", source=source)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # another seed: new noise and labelled picks, the same anatomy and the same held-out slabs
+    other = real_brain.prepare(tmp_path / "seed1", task="colin27", source=source, seed=1)
+    a, b = json.loads(prepared["colin27"].read_text()), json.loads(other.read_text())
+    assert a["slices"]["test"] == b["slices"]["test"] and a["slices"]["validation"] == b["slices"]["validation"]
+    first = a["test"][0]
+    img_a = np.asanyarray(nib.load(prepared["colin27"].parent / first["image"]).dataobj)
+    img_b = np.asanyarray(nib.load(other.parent / first["image"]).dataobj)
+    assert not np.array_equal(img_a, img_b)
+    assert (prepared["colin27"].parent / first["label"]).read_bytes() == (other.parent / first["label"]).read_bytes()
+    # neighbouring slices get their own noise, not a shifted copy
+    second = a["test"][1]
+    noise = [
+        np.asanyarray(nib.load(prepared["colin27"].parent / e["image"]).dataobj)[:10, :10] for e in (first, second)
+    ]
+    assert not np.allclose(noise[0], noise[1])
+
+
+def test_macaque_labels_match_their_names_and_the_atlas(prepared):
+    d = json.loads(prepared["macaque"].read_text())
+    values = d["source"]["label_values"]
+    assert values["caudate"] == [82, 1082]  # l_/r_caudate_nucleus in INIA19's names file
+    assert {98, 1098, 162, 1162} <= set(values["lentiform"])  # putamen, lateral globus pallidus
+    assert {325, 1325, 497, 1497} <= set(values["thalamus"])  # medial dorsal nucleus, thalamus
+    anatomy = d["source"]["anatomy"]
+    for cls in ("caudate", "lentiform", "thalamus"):
+        left, right = anatomy[f"{cls}_L"], anatomy[f"{cls}_R"]
+        assert left["centroid_mm"][0] < 0 < right["centroid_mm"][0]
+        assert 0.8 < left["volume_mm3"] / right["volume_mm3"] < 1.25
+
+
+def test_bad_requests_end_with_one_line(source, tmp_path):
+    with pytest.raises(SystemExit, match="^error: unknown task"):
+        real_brain.prepare(tmp_path, task="mouse", source=source)
+    with pytest.raises(SystemExit, match="^error: labelled_fraction"):
+        real_brain.prepare(tmp_path, source=source, labelled_fraction=0.0)
+    with pytest.raises(SystemExit, match="^error: .*missing ch2.nii.gz"):
+        real_brain.prepare(tmp_path, source=tmp_path)
