@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -74,6 +75,12 @@ def write_dataset(
     return path
 
 
+def without_progress_bars(text: str) -> str:
+    """``text`` without the progress-bar lines (tqdm and Ignite's ``ProgressBar``) a terminal overwrites."""
+    bar = re.compile(r"\d+%\|")
+    return "\n".join(line for line in text.splitlines() if line.strip() and not bar.search(line))
+
+
 def readme_commands(python: str, schedule: list[str]) -> dict[str, list[str]]:
     """The three commands of the README's section, with ``BUNDLE`` filled in."""
     run = [python, "-m", "monai.bundle", "run"]
@@ -129,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
-    text = "\n".join(line.rsplit("\r", 1)[-1] for line in "\n".join(log_lines).splitlines())  # no progress bars
+    text = without_progress_bars("\n".join(log_lines))
     (RESULTS / f"own_data_2d{suffix}.log").write_text(text.replace(str(work), "$WORK").replace(str(ROOT), "$REPO"))
     (RESULTS / f"own_data_2d{suffix}.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))

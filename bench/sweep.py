@@ -6,6 +6,7 @@ only) and UnCoL (both teachers) for several labelled fractions and seeds, throug
     python bench/sweep.py --quick --out /tmp/q # one seed, tiny images and models: a smoke test
     python bench/sweep.py --quick --dims 3 ... # the same in 3D
     python bench/sweep.py --report-only        # rebuild results.md and the plot from the run JSONs
+    python bench/sweep.py --task colin27       # a real-anatomy task (custom.data.real_brain): colin27, macaque
 
 Every run is stage 1 (``pretrain.json``) then stage 2 (``train.json``), same iterations for every
 method, then ``evaluate.json`` on the test split. Stage 1 is shared between the methods that start
@@ -38,7 +39,6 @@ from bench.report import replace_section  # noqa: E402
 CONFIGS = ROOT / "bundle" / "configs"
 DOCS = ROOT / "bundle" / "docs"
 TRAIN, PRETRAIN, EVALUATE = (str(CONFIGS / f) for f in ("train.json", "pretrain.json", "evaluate.json"))
-CLASSES = ("organ", "lesion")
 
 #: method -> stage 1 distillation and stage 2 overrides
 METHODS = {
@@ -83,6 +83,13 @@ SETTINGS = {
         },
         "epochs": 1,
     },
+}
+#: the real-anatomy tasks (custom/data/real_brain.py, bundle/docs/real_data.md): whole slices, native spacing
+SETTINGS["colin27"] = {"task": "colin27", "bundle": {"spatial_dims": 2, "roi_size": [192, 224]}, "epochs": 16}
+SETTINGS["macaque"] = {
+    "task": "macaque",
+    "bundle": {"spatial_dims": 2, "roi_size": [176, 208], "pixdim": [0.5, 0.5]},
+    "epochs": 16,
 }
 #: the 3D smoke test: the quick budget on the smallest volumes the student takes (16-voxel patches)
 SETTINGS["quick3d"] = {
@@ -132,13 +139,17 @@ def warm_teacher_cache(setting: str, overrides: dict) -> None:
 def setting_overrides(setting: str, fraction: float, seed: int, dataset: Path, teacher_cache: Path) -> dict:
     """Bundle overrides shared by both stages of a run: data, size, budget, seed, teacher cache."""
     spec = SETTINGS[setting]
+    if "task" in spec:  # a prepared real-anatomy dataset instead of the embedded generator
+        data = {"use_embedded_data": False, "datalist": str(dataset / "datalist.json")}
+    else:
+        generator = {"labelled_fraction": fraction, **spec["data"]}
+        data = {f"embedded_data#{k}": v for k, v in generator.items()}
     return {
         "dataset_dir": str(dataset),
         "seed": seed,
         "config_dir": str(CONFIGS),
         "teacher_cache_dir": str(teacher_cache),
-        "embedded_data#labelled_fraction": fraction,
-        **{f"embedded_data#{k}": v for k, v in spec["data"].items()},
+        **data,
         **spec["bundle"],
         "pretrain_epochs": spec["epochs"],
         "max_epochs": spec["epochs"],
@@ -154,6 +165,10 @@ def run_one(setting: str, fraction: float, method: str, seed: int, work: Path, r
     stage1 = METHODS[method]["stage1"]
     stage2 = dict(METHODS[method]["stage2"])
     uses_teacher = stage1 != "none" or stage2["teachers"] != "specialized"
+    if "task" in SETTINGS[setting]:
+        from custom.data.real_brain import prepare
+
+        prepare(dataset, SETTINGS[setting]["task"], labelled_fraction=fraction)
     if fraction < 1.0 and uses_teacher and not (dataset / "warm").is_file():
         warm_teacher_cache(setting, shared)
         (dataset / "warm").touch()
@@ -183,8 +198,8 @@ def run_one(setting: str, fraction: float, method: str, seed: int, work: Path, r
         "seed": seed,
         "commit": commit(),
         "seconds": seconds,
-        "stage1_overrides": {**shared, "distillation": stage1},
-        "stage2_overrides": {**shared, **stage2},
+        "stage1_overrides": portable({**shared, "distillation": stage1}),
+        "stage2_overrides": portable({**shared, **stage2}),
         "metrics": report["metrics"],
         "num_test_cases": report.get("num_cases"),
     }
@@ -194,6 +209,23 @@ def run_one(setting: str, fraction: float, method: str, seed: int, work: Path, r
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(path)
     return result
+
+
+def portable(overrides: dict) -> dict:
+    """``overrides`` with paths inside the repository made relative to it (JSON kept in the repository
+    names no machine's folders)."""
+
+    def relative(value: object) -> object:
+        if isinstance(value, str) and value.startswith(str(ROOT) + os.sep):
+            return os.path.relpath(value, ROOT)
+        return value
+
+    return {k: relative(v) for k, v in overrides.items()}
+
+
+def class_names(results: list[dict]) -> list[str]:
+    """The foreground classes the runs were evaluated on, in report order."""
+    return list(results[0]["metrics"]["test_dice"])
 
 
 def load_runs(runs: Path) -> list[dict]:
@@ -210,7 +242,7 @@ def summarise(results: list[dict]) -> dict:
         summary[key] = {}
         for metric in ("test_dice", "test_hd95"):
             summary[key][metric] = {}
-            for cls in CLASSES:
+            for cls in class_names(group):
                 # a run whose student never predicts the class has no finite HD95: left out, and counted
                 values = [v for r in group if math.isfinite(v := r["metrics"][metric][cls]["mean"])]
                 mean = statistics.fmean(values) if values else float("nan")
@@ -220,16 +252,18 @@ def summarise(results: list[dict]) -> dict:
 
 
 def table(summary: dict) -> str:
+    classes = list(next(iter(summary.values()))["test_dice"])
+    header = [f"{c} Dice" for c in classes] + [f"{c} HD95 (mm)" for c in classes]
     lines = [
-        "| labelled | method | organ Dice | lesion Dice | organ HD95 (mm) | lesion HD95 (mm) | seeds |",
-        "|---|---|---|---|---|---|---|",
+        "| labelled | method | " + " | ".join(header) + " | seeds |",
+        "|---|---|" + "---|" * len(header) + "---|",
     ]
     order = list(METHODS)
     for fraction, method in sorted(summary, key=lambda k: (k[0], order.index(k[1]))):
         s = summary[(fraction, method)]
-        cells = [f"{s['test_dice'][c][0]:.3f} ± {s['test_dice'][c][1]:.3f}" for c in CLASSES]
-        runs = s["test_dice"]["organ"][2]
-        for c in CLASSES:
+        cells = [f"{s['test_dice'][c][0]:.3f} ± {s['test_dice'][c][1]:.3f}" for c in classes]
+        runs = max(n for _, _, n in s["test_dice"].values())
+        for c in classes:
             mean, std, n = s["test_hd95"][c]
             if n == 0:  # HD95 needs a predicted structure: no run predicted this class at all
                 cells.append(f"n/a (0 of {runs} runs predict it)")
@@ -245,9 +279,11 @@ def plot(summary: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(CLASSES), figsize=(10, 4), sharex=True)
+    classes = list(next(iter(summary.values()))["test_dice"])
+    fig, axes = plt.subplots(1, len(classes), figsize=(5 * len(classes), 4), sharex=True, squeeze=False)
+    axes = axes[0]
     fractions = sorted({f for f, _ in summary})
-    for ax, cls in zip(axes, CLASSES, strict=True):
+    for ax, cls in zip(axes, classes, strict=True):
         for i, method in enumerate(METHODS):
             points = [(f, summary[(f, method)]["test_dice"][cls]) for f in fractions if (f, method) in summary]
             if not points:
@@ -291,7 +327,7 @@ def report(setting: str, results_dir: Path, results_md: Path, seeds: list[int]) 
             "",
             f"![Dice vs labelled fraction]({Path(os.path.relpath(png, results_md.parent)).as_posix()})",
             "",
-            f"Produced by `python bench/sweep.py{' --dims 3' if setting == '3d' else ''}` at commit(s) "
+            f"Produced by `python bench/sweep.py{SETTING_FLAGS.get(setting, '')}` at commit(s) "
             f"{', '.join(commits)}; seeds {sorted({r['seed'] for r in runs})}; stage 1 "
             f"{budget['pretrain_epochs']} and stage 2 {budget['max_epochs']} epochs of "
             f"{budget.get('iterations_per_epoch', 25)} iterations; overrides per run in `{where}/`. "
@@ -302,9 +338,14 @@ def report(setting: str, results_dir: Path, results_md: Path, seeds: list[int]) 
     return text
 
 
+#: the command-line flag that selects each setting
+SETTING_FLAGS = {"3d": " --dims 3", "colin27": " --task colin27", "macaque": " --task macaque"}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", type=int, choices=(2, 3), default=2)
+    parser.add_argument("--task", choices=("colin27", "macaque"), default=None, help="a real-anatomy task")
     parser.add_argument("--quick", action="store_true", help="one seed, tiny images and models (harness smoke test)")
     parser.add_argument("--fractions", type=float, nargs="+", default=None)
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
@@ -314,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results-md", default=None, help="page to write the table into (default: results.md)")
     parser.add_argument("--report-only", action="store_true", help="rebuild the table and plot from the run JSONs")
     args = parser.parse_args(argv)
-    setting = ("quick" if args.dims == 2 else "quick3d") if args.quick else f"{args.dims}d"
+    setting = ("quick" if args.dims == 2 else "quick3d") if args.quick else args.task or f"{args.dims}d"
     out = Path(args.out) / setting
     results_dir = Path(args.results) if args.results else (out / "results" if args.quick else DOCS / "results")
     results_md = Path(args.results_md) if args.results_md else (results_dir.parent / "results.md")

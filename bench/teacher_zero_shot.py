@@ -1,6 +1,8 @@
 """Zero-shot Dice of the generalized teacher prompted with ground-truth boxes on a datalist split.
 
     python bench/teacher_zero_shot.py [--split test] [--box-jitter 0.0] [--teacher_model ... --teacher_checkpoint ...]
+    python bench/teacher_zero_shot.py --datalist bundle/data/real/colin27/datalist.json \
+        --out bundle/docs/results/real/zero_shot_colin27.json      # a user's (or the real-anatomy) datalist
 
 The teacher is built from the bundle's own ``teacher_def`` (bundle/configs/train.json), so the
 config keys that select the model are the ones exercised. Prints Dice per class and writes
@@ -36,6 +38,8 @@ def main() -> None:
     parser.add_argument("--box-jitter", type=float, default=0.0)
     parser.add_argument("--teacher_model", default=None)
     parser.add_argument("--teacher_checkpoint", default=None)
+    parser.add_argument("--datalist", default=None, help="a datalist instead of the embedded phantoms")
+    parser.add_argument("--out", default=None, help="JSON to write (default <bundle_root>/eval/teacher_zero_shot.json)")
     args = parser.parse_args()
 
     config = ConfigParser()
@@ -43,6 +47,9 @@ def main() -> None:
     config["bundle_root"] = args.bundle_root
     config["teacher_cache_dir"] = None
     config["teacher_def#box_jitter"] = args.box_jitter
+    if args.datalist is not None:
+        config["use_embedded_data"] = False
+        config["datalist"] = str(Path(args.datalist).resolve())
     for key in ("teacher_model", "teacher_checkpoint"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
@@ -73,18 +80,27 @@ def main() -> None:
     elapsed = time.perf_counter() - start
     result = {
         "teacher_model": teacher.spec.name,
-        "checkpoint": teacher.checkpoint,
+        "checkpoint": Path(teacher.checkpoint).name,
+        "datalist": _relative(config.get_parsed_content("datalist")),
         "split": args.split,
         "prompt": f"ground-truth box per class, jitter {args.box_jitter}",
         "dice": {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)} for k, v in dice.items()},
         "seconds": round(elapsed, 1),
     }
-    out = Path(args.bundle_root) / "eval" / "teacher_zero_shot.json"
+    out = Path(args.out) if args.out else Path(args.bundle_root) / "eval" / "teacher_zero_shot.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     for name, s in result["dice"].items():
         print(f"{teacher.spec.name} zero-shot Dice {name}: {s['mean']:.3f} ± {s['std']:.3f} (n={s['n']})")
     print(f"{len(items)} images in {elapsed:.1f} s; written to {out}")
+
+
+def _relative(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it (committed JSON holds no machine paths)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return Path(path).name
 
 
 if __name__ == "__main__":

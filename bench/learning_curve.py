@@ -1,0 +1,107 @@
+"""Learning curve of full supervision on a real-anatomy task: validation Dice per class after every
+epoch, to choose a sweep budget at which supervised training with 100 % labels has plateaued.
+
+    python bench/learning_curve.py --task colin27 [--epochs 40] [--seed 0]
+
+Prepares the task with every training slice labelled (``custom.data.real_brain``), trains the student
+with the supervised loss only (stage 1 without distillation, as the sweep's supervised runs start),
+validates after every epoch and writes ``bundle/docs/results/real/learning_curve_<task>.json``: per
+epoch (``iterations_per_epoch`` steps each) the validation Dice of each class, plus the seconds taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.sweep import CONFIGS, DOCS, commit  # noqa: E402
+
+RESULTS = DOCS / "results" / "real"
+
+
+class ClassDiceCurve:
+    """Evaluator handler: after each validation run, the mean Dice of each class (NaN-free cases)."""
+
+    def __init__(self, class_names: list[str], metric: str = "val_mean_dice") -> None:
+        self.class_names = class_names
+        self.metric = metric
+        self.points: list[dict] = []
+        self.start = time.perf_counter()
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        details = engine.state.metric_details[self.metric].float().cpu()
+        dice = {}
+        for c, name in enumerate(self.class_names):
+            values = [float(v) for v in details[:, c] if not math.isnan(float(v))]
+            dice[name] = round(sum(values) / len(values), 4) if values else None
+        self.points.append({"epoch": engine.state.epoch, "dice": dice, "seconds": time.perf_counter() - self.start})
+        print(f"epoch {engine.state.epoch}: " + ", ".join(f"{k} {v}" for k, v in dice.items()), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="colin27", choices=("colin27", "macaque"))
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=ROOT / "bundle" / "eval" / "learning_curve")
+    args = parser.parse_args(argv)
+
+    from monai.bundle import ConfigParser, run
+
+    from bench.sweep import SETTINGS
+    from custom.data.real_brain import prepare
+
+    work = args.work / args.task / f"seed{args.seed}"
+    if (work / "models").exists():
+        raise SystemExit(f"error: {work / 'models'} exists; remove it to measure the curve again")
+    datalist = prepare(args.work / args.task / "data", args.task, labelled_fraction=1.0)
+    names = ConfigParser.load_config_file(datalist)["labels"]
+    class_names = [names[str(v)] for v in range(1, len(names))]
+    handlers = ConfigParser.load_config_file(str(CONFIGS / "train.json"))["validate"]["handlers"]
+    curve = ClassDiceCurve(class_names)
+    overrides = {
+        "bundle_root": str(work),
+        "config_dir": str(CONFIGS),
+        "use_embedded_data": False,
+        "datalist": str(datalist),
+        "seed": args.seed,
+        "distillation": "none",
+        "pretrain_epochs": args.epochs,
+        "val_interval": 1,
+        "validate#key_metric#val_mean_dice#save_details": True,
+        "validate#handlers": [*handlers, curve],
+        **SETTINGS[args.task]["bundle"],
+    }
+    start = time.perf_counter()
+    run("pretrain", config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "pretrain.json")], **overrides)
+    result = {
+        "command": f"python bench/learning_curve.py --task {args.task} --epochs {args.epochs} --seed {args.seed}",
+        "commit": commit(),
+        "task": args.task,
+        "training": "supervised only (stage 1 without distillation), every training slice labelled",
+        "iterations_per_epoch": ConfigParser.load_config_file(str(CONFIGS / "train.json"))["iterations_per_epoch"],
+        "batch_size": ConfigParser.load_config_file(str(CONFIGS / "train.json"))["pretrain_batch_size"],
+        "bundle_overrides": SETTINGS[args.task]["bundle"],
+        "seconds": round(time.perf_counter() - start, 1),
+        "validation": [{**p, "seconds": round(p["seconds"], 1)} for p in curve.points],
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"learning_curve_{args.task}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written to {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
