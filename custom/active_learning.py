@@ -58,7 +58,7 @@ def rank_cases(
     for item in items:
         image = torch.as_tensor(item["image"])[None].float().to(device)
         spec = torch.softmax(specialized(image).float(), 1)
-        prompts = generalized.make_prompts(spec.argmax(1, keepdim=True))
+        prompts = generalized.make_prompts(spec)  # its softmax: the regions are its argmax
         gen = generalized(image, prompts=prompts, with_fusion=False).probs.to(spec)
         name = str(getattr(item["image"], "meta", {}).get("filename_or_obj", len(ranking)))
         ranking.append({"image": name, **uncertainty_score(spec[0].cpu(), gen[0].cpu())})

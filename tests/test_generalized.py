@@ -1,4 +1,5 @@
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -6,7 +7,9 @@ import torch
 
 from custom.data.phantoms import PhantomConfig, make_case
 from custom.losses.distillation import pool_to_grid
+from custom.losses.pseudo_label import EntropyGate, shannon_entropy
 from custom.teachers.generalized import GeneralizedTeacher, compose_class_probs
+from custom.teachers.mask_decoder import decode_masks
 from custom.teachers.prompts import Prompts
 from custom.teachers.targets import distillation_targets
 
@@ -209,3 +212,166 @@ def test_explicit_prompts_and_bad_inputs(lite_teacher):
         lite_teacher(torch.zeros(1, 32, 32))
     with pytest.raises(ValueError, match="prompt_type"):
         GeneralizedTeacher(prompt_type="scribble")
+
+
+@contextmanager
+def configured(teacher: GeneralizedTeacher, **settings):
+    """The shared teacher with some constructor settings changed for the block (restored after)."""
+    saved = {k: getattr(teacher, k) for k in settings}
+    for k, v in settings.items():
+        setattr(teacher, k, v)
+    try:
+        yield teacher
+    finally:
+        for k, v in saved.items():
+            setattr(teacher, k, v)
+
+
+def _two_discs(centres, h=128, w=128, radius=12, seed=0):
+    """A grey image with two bright discs of one class far apart, and its label."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    label = torch.zeros(h, w, dtype=torch.long)
+    for cy, cx in centres:
+        label[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = 1
+    image = 0.3 + 0.05 * yy / h + 0.4 * label.float() + 0.03 * torch.randn(h, w, generator=g)
+    return image[None, None], label[None, None]
+
+
+@pytest.mark.parametrize("centres", [((32, 30), (96, 100)), ((64, 20), (64, 108))])
+def test_one_box_per_component_segments_two_far_apart_discs(lite_teacher, centres):
+    """One box per class spans both discs and the background between; one box per disc, masks united,
+    recovers both (Dice 0.26 / 0.55 with one box, 0.99 / 0.99 with a box per disc, on this machine)."""
+    image, label = _two_discs(centres)
+    one_box = lite_teacher(image, labels=label)
+    with configured(lite_teacher, box_mode="component"):
+        per_disc = lite_teacher(image, labels=label)
+        prompts = lite_teacher.make_prompts(label)
+    assert prompts.components[0, 0].tolist() == [True, True, False, False]
+    dice_one = _dice(one_box.probs.argmax(1) == 1, label[:, 0] == 1)
+    dice_per = _dice(per_disc.probs.argmax(1) == 1, label[:, 0] == 1)
+    print(f"two discs at {centres}: Dice one box per class {dice_one:.3f}, one box per component {dice_per:.3f}")
+    assert dice_per > 0.95 and dice_per > dice_one + 0.3
+    # the same output contract: shapes, validity, a proper distribution, fusion for the prompted class
+    assert per_disc.probs.shape == one_box.probs.shape and torch.equal(per_disc.valid, one_box.valid)
+    assert torch.allclose(per_disc.probs.sum(1), torch.ones(1, 128, 128), atol=1e-5)
+    assert per_disc.fusion.shape == one_box.fusion.shape and per_disc.fusion[0, 1].abs().max() == 0
+    targets = distillation_targets(per_disc, [8, 8])  # stage 1's targets work unchanged
+    assert targets["fusion"].shape == (1, 512, 8, 8) and targets["valid"].tolist() == [[True, False]]
+
+
+def test_component_mode_in_3d_is_slice_wise(lite_teacher):
+    image_a, label_a = _two_discs(((8, 8), (24, 24)), h=32, w=32, radius=4)
+    image_b, label_b = _phantom(shape=(32, 32), seed=3)
+    volume = torch.stack([image_a, image_b], -1)  # (1, 1, 32, 32, 2): slices on axis 2
+    labels = torch.stack([label_a, label_b], -1)
+    with configured(lite_teacher, box_mode="component"):
+        out = lite_teacher(volume, labels=labels, with_fusion=False)
+        slice0 = lite_teacher(image_a, labels=label_a, with_fusion=False)
+    assert out.probs.shape == (1, 3, 32, 32, 2) and out.valid.shape == (1, 2, 2)
+    assert torch.allclose(out.probs[..., 0], slice0.probs, atol=1e-5)
+
+
+def test_uniform_abstention_shares_the_background_outside_the_prompted_masks(lite_teacher):
+    """The lesion has no prompt in the second copy: with ``abstain="uniform"`` the teacher says nothing
+    about it outside the organ's mask (background and lesion equally likely, entropy ln 2 where the organ
+    is surely absent) and exactly what it said before inside; "zero" is today's output."""
+    image, label = _phantom(shape=(64, 64), seed=2)
+    assert (label == 2).any()
+    images, labels = torch.cat([image, image]), torch.cat([label, label.clamp(max=1)])
+    zero = lite_teacher(images, labels=labels, with_fusion=False)
+    with configured(lite_teacher, abstain="uniform"):
+        uniform = lite_teacher(images, labels=labels, with_fusion=False)
+    assert torch.equal(uniform.valid, zero.valid) and zero.valid.tolist() == [[True, True], [True, False]]
+    assert torch.equal(uniform.probs[0], zero.probs[0])  # every class prompted: nothing to abstain on
+    z, u = zero.probs[1], uniform.probs[1]
+    inside = z[1] > 0.5  # the organ's mask (with only the organ prompted, its channel is its mask)
+    assert inside.any() and (~inside).any()
+    assert torch.equal(u[:, inside], z[:, inside])  # unchanged inside the prompted mask
+    assert torch.equal(u[1], z[1])  # the prompted class keeps its share everywhere
+    outside = ~inside
+    assert torch.equal(u[0][outside], u[2][outside]) and torch.allclose(u[0][outside], z[0][outside] / 2)
+    assert torch.allclose(u.sum(0), torch.ones(64, 64), atol=1e-6)
+    far = outside & (z[1] < 1e-3)
+    entropy_u, entropy_z = shannon_entropy(u[None])[0, 0], shannon_entropy(z[None])[0, 0]
+    assert far.float().mean() > 0.3
+    assert torch.allclose(entropy_u[far], torch.full_like(entropy_u[far], math.log(2)), atol=0.01)
+    assert entropy_z[far].max() < 0.01  # today: near-certain background where the lesion may lie
+    # an unsure specialized teacher (entropy 0.64 < ln 2) now wins the gate there instead of losing it
+    spec = torch.tensor([0.8, 0.1, 0.1]).view(1, 3, 1, 1).expand(1, 3, 64, 64)
+    gate = EntropyGate("both")
+    assert gate(spec, z[None], 10.0).from_generalized[0, 0][far].all()
+    assert not gate(spec, u[None], 10.0).from_generalized[0, 0][far].any()
+    # an image without any prompt stays uniform over all classes
+    with configured(lite_teacher, abstain="uniform"):
+        nothing = lite_teacher(image, with_fusion=False)
+    assert torch.allclose(nothing.probs, torch.full_like(nothing.probs, 1 / 3))
+    with pytest.raises(ValueError, match="abstain"):
+        compose_class_probs(torch.zeros(1, 2, 4, 4), torch.ones(1, 2, dtype=torch.bool), abstain="half")
+
+
+def _todays_teacher(teacher: GeneralizedTeacher, images: torch.Tensor, labels: torch.Tensor):
+    """The teacher's 2D box pipeline as it was before per-component prompts and uniform abstention,
+    written out: one exact box per present class, every prompt through the decoder, painter's order with
+    probability 0 for an unprompted class. Returns ``(probs, fusion, valid)``."""
+    b, c = len(images), teacher.num_classes - 1
+    h, w = images.shape[-2:]
+    valid = torch.zeros(b, c, dtype=torch.bool)
+    boxes = torch.zeros(b, c, 4)
+    for i in range(b):
+        for k in range(c):
+            ys, xs = torch.nonzero(labels[i, 0] == k + 1, as_tuple=True)
+            if ys.numel():
+                valid[i, k] = True
+                boxes[i, k] = torch.stack([xs.min(), ys.min(), xs.max(), ys.max()]).float()
+    with torch.inference_mode():
+        embedding = teacher.encode(images)["embedding"]
+        idx_i, idx_k = torch.nonzero(valid, as_tuple=True)
+        nh, nw = teacher._resized_size(h, w)
+        scale = torch.tensor([nw / w, nh / h])
+        sparse, dense = teacher.model.prompt_encoder(
+            points=None, boxes=boxes[idx_i, idx_k] * scale.repeat(2), masks=None
+        )
+        pe = teacher.model.prompt_encoder.get_dense_pe()
+        low_res, tokens = decode_masks(teacher.model.mask_decoder, embedding, pe, sparse, dense, idx_i)
+        mask_probs = torch.zeros(b, c, h, w)
+        mask_probs[idx_i, idx_k] = torch.sigmoid(teacher.postprocess(low_res, (h, w)))[:, 0]
+        fusion = torch.zeros(b, c, *embedding.shape[1:])
+        fusion[idx_i, idx_k] = tokens.transpose(1, 2).reshape(len(idx_i), *embedding.shape[1:])
+        probs = torch.zeros(b, c + 1, h, w)
+        probs[:, 0] = 1.0
+        area = (mask_probs > 0.5).flatten(2).sum(-1).float() + mask_probs.flatten(2).mean(-1)
+        for i in range(b):
+            order = [int(k) for k in torch.argsort(area[i], descending=True) if valid[i, k]]
+            if not order:
+                probs[i] = 1.0 / (c + 1)
+            for k in order:
+                probs[i] = probs[i] * (1 - mask_probs[i, k])
+                probs[i, k + 1] += mask_probs[i, k]
+        return probs, teacher.crop_to_image(fusion, (h, w)), valid
+
+
+def test_defaults_reproduce_todays_outputs_bit_for_bit(lite_teacher):
+    """The case of ``test_2d_output_shapes_ranges_and_abstention``: the default settings, and the new
+    switches set to their defaults explicitly, give exactly what the pipeline gave before them."""
+    image, label = _phantom(shape=(64, 48), seed=4)
+    images, labels = torch.cat([image, image]), torch.cat([label, label.clamp(max=1)])
+    probs, fusion, valid = _todays_teacher(lite_teacher, images, labels)
+    out = lite_teacher(images, labels=labels)
+    assert torch.equal(out.probs, probs) and torch.equal(out.fusion, fusion) and torch.equal(out.valid, valid)
+    defaults = {"box_mode": "class", "min_component_size": 4, "max_components": 4, "prompt_min_confidence": 0.0}
+    with configured(lite_teacher, abstain="zero", **defaults):
+        explicit = lite_teacher(images, labels=labels)
+    assert torch.equal(explicit.probs, probs) and torch.equal(explicit.fusion, fusion)
+    built = GeneralizedTeacher("litemedsam", num_classes=3)
+    assert (built.box_mode, built.min_component_size, built.max_components) == ("class", 4, 4)
+    assert (built.prompt_min_confidence, built.abstain) == (0.0, "zero")
+
+
+def test_bad_switches_are_refused():
+    with pytest.raises(ValueError, match="box_mode"):
+        GeneralizedTeacher(box_mode="blob")
+    with pytest.raises(ValueError, match="abstain"):
+        GeneralizedTeacher(abstain="half")
+    with pytest.raises(ValueError, match="max_components"):
+        GeneralizedTeacher(max_components=0)

@@ -85,3 +85,45 @@ def test_a_mask_prompt_is_refused(lite_teacher):
             dense,
             torch.tensor([0, 0]),
         )
+
+
+def test_component_prompts_share_one_decoder_call_and_unite_per_class(lite_teacher):
+    """Every (image, class, component) prompt of a batch goes through the decoder in one call; a class's
+    mask is the elementwise maximum of its components' masks and its fusion features their mean, each
+    component's mask being what it gives as a prompt on its own."""
+    from custom.teachers.prompts import Prompts
+
+    image, _ = make_case(PhantomConfig(shape=(64, 64)).resolved(), np.random.default_rng([5, 0]))
+    images = torch.from_numpy(image)[None, None].repeat(2, 1, 1, 1)
+    images[1] = images[1].flip(-2)
+    embedding = lite_teacher.encode(images)["embedding"]
+    components = torch.tensor(
+        [[[True, True, False], [True, False, False]], [[False, False, False], [True, True, True]]]
+    )
+    boxes = torch.zeros(2, 2, 3, 4)
+    boxes[0, 0, 0], boxes[0, 0, 1], boxes[0, 1, 0] = torch.tensor(
+        [[4.0, 4, 20, 22], [36, 30, 60, 58], [10, 40, 30, 60]]
+    )
+    boxes[1, 1] = torch.tensor([[2.0, 2, 12, 14], [20, 20, 40, 44], [44, 6, 60, 30]])
+    prompts = Prompts(components.any(-1), boxes, components=components)
+    calls = []
+    hook = lite_teacher.model.mask_decoder.output_upscaling.register_forward_hook(
+        lambda m, args, out: calls.append(args[0].shape[0])
+    )
+    try:
+        masks, fusion = lite_teacher.decode(embedding, prompts, (64, 64))
+    finally:
+        hook.remove()
+    assert calls == [6]  # six prompts, one call
+    # each component alone, as a one-prompt-per-class layout
+    slots = torch.nonzero(components)
+    alone = Prompts(torch.ones(len(slots), 1, dtype=torch.bool), boxes[slots[:, 0], slots[:, 1], slots[:, 2]][:, None])
+    single, single_fusion = lite_teacher.decode(embedding[slots[:, 0]], alone, (64, 64))
+    for i in range(2):
+        for k in range(2):
+            mine = (slots[:, 0] == i) & (slots[:, 1] == k)
+            if not mine.any():
+                assert masks[i, k].max() == 0 and fusion[i, k].abs().max() == 0
+                continue
+            assert torch.allclose(masks[i, k], single[mine, 0].amax(0), atol=1e-5)
+            assert torch.allclose(fusion[i, k], single_fusion[mine, 0].mean(0), atol=1e-4)

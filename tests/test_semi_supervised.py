@@ -1,5 +1,7 @@
 """Stage 2 pieces: the EMA teacher, the shared spatial augmentation, the two data streams."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from conftest import CONFIGS, TINY_NET
@@ -131,3 +133,79 @@ def test_generalized_teacher_on_volumes_is_slice_wise_and_reused_per_slice(lite_
     again = step.teacher_probs(weak)[1]
     assert step.generalized_reused == 2 and step.generalized_calls == 4
     assert torch.equal(again, gen)
+
+
+def _component_prompts():
+    from custom.teachers.prompts import Prompts
+
+    components = torch.tensor([[[True, True], [True, False]]])  # (B, C, M): class 1 has two components
+    boxes = torch.tensor([[[[10.0, 12.0, 30.0, 40.0], [50.0, 52.0, 60.0, 70.0]], [[5.0, 5.0, 9.0, 9.0], [0.0] * 4]]])
+    return Prompts(components.any(-1), boxes, components=components)
+
+
+def test_same_prompts_compares_every_component_box():
+    from custom.engines.uncol import same_prompts
+    from custom.teachers.prompts import Prompts
+
+    a = _component_prompts()
+    assert same_prompts(a, _component_prompts())
+    second = _component_prompts()
+    second.boxes[0, 0, 1, 2] += 2.0  # the second component of class 1 grows by 2 px
+    assert not same_prompts(a, second, tolerance=1.0) and same_prompts(a, second, tolerance=2.0)
+    first = _component_prompts()
+    first.boxes[0, 0, 0] -= 1.0  # the first component moves 1 px
+    assert not same_prompts(a, first) and same_prompts(a, first, tolerance=1.0)
+    fewer = _component_prompts()
+    fewer.components[0, 0, 1] = False  # a component dropped: the class is still prompted, the prompts differ
+    fewer.boxes[0, 0, 1] = 0.0
+    assert torch.equal(fewer.valid, a.valid) and not same_prompts(a, fewer, tolerance=100.0)
+    per_class = Prompts(a.valid, a.boxes[:, :, 0])  # one box per class vs per component: never the same
+    assert not same_prompts(a, per_class, tolerance=100.0) and not same_prompts(per_class, a, tolerance=100.0)
+    assert same_prompts(a[0:1], a[torch.tensor([0])])  # slicing keeps every field
+
+
+@contextmanager
+def _configured(teacher, **settings):
+    saved = {k: getattr(teacher, k) for k in settings}
+    for k, v in settings.items():
+        setattr(teacher, k, v)
+    try:
+        yield teacher
+    finally:
+        for k, v in saved.items():
+            setattr(teacher, k, v)
+
+
+def test_stage2_prompts_per_component_from_the_ema_softmax_and_reuses_them(lite_teacher):
+    """Stage 2 with every new switch on: the generalized teacher is prompted from the EMA teacher's
+    softmax, so the confidence filter drops the blob it is unsure of; its output equals the teacher's own
+    on those prompts, and an image that comes back with the same component boxes is reused."""
+    from custom.engines.uncol import SemiSupervisedIteration
+    from custom.losses.pseudo_label import EntropyGate, PseudoLabelLoss
+
+    ema = torch.nn.Conv2d(1, 3, 1)  # logits (-x, x, 0): class 1 where the image is bright, surer the brighter
+    with torch.no_grad():
+        ema.weight.copy_(torch.tensor([-1.0, 1.0, 0.0]).view(3, 1, 1, 1))
+        ema.bias.zero_()
+    weak = torch.full((2, 1, 32, 32), -1.0) + 0.05 * torch.randn(2, 1, 32, 32, generator=torch.Generator())
+    weak[:, :, 2:11, 2:11] = 3.0  # p(class 1) = 0.95
+    weak[:, :, 20:29, 20:29] = 0.5  # p(class 1) = 0.51: still the argmax, but unsure
+    settings = {"box_mode": "component", "abstain": "uniform", "prompt_min_confidence": 0.7}
+    with _configured(lite_teacher, **settings):
+        step = SemiSupervisedIteration(EntropyGate("both"), PseudoLabelLoss(), ema, lite_teacher)
+        spec, gen = step.teacher_probs(weak)
+        prompts = lite_teacher.make_prompts(spec)
+        unfiltered = lite_teacher.make_prompts(spec.argmax(1, keepdim=True))
+        assert unfiltered.components[:, 0].tolist() == [[True, True, False, False]] * 2
+        assert prompts.components[:, 0].tolist() == [[True, False, False, False]] * 2  # only the sure blob
+        assert prompts.boxes[0, 0, 0].tolist() == [2, 2, 10, 10] and prompts.valid.tolist() == [[True, False]] * 2
+        expected = lite_teacher(weak, prompts=prompts, with_fusion=False).probs
+        assert torch.allclose(gen, expected, atol=1e-5)
+        far = torch.zeros(32, 32, dtype=torch.bool)
+        far[16:, :12] = True  # far from the prompted blob: the unprompted lesion shares the background
+        assert torch.equal(gen[:, 0][:, far], gen[:, 2][:, far])
+        again = step.teacher_probs(weak)[1]
+        assert step.generalized_reused == 2 and torch.equal(again, gen)
+        with _configured(lite_teacher, prompt_min_confidence=0.99):  # no region that sure: abstain everywhere
+            unsure = SemiSupervisedIteration(EntropyGate("both"), PseudoLabelLoss(), ema, lite_teacher)
+            assert torch.allclose(unsure.teacher_probs(weak)[1], torch.full_like(gen, 1 / 3))

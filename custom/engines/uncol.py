@@ -39,15 +39,26 @@ def _optimise(engine, loss: torch.Tensor, cuda_amp: bool) -> dict:
 
 
 def same_prompts(a: Prompts, b: Prompts, tolerance: float = 0.0) -> bool:
-    """True when ``a`` and ``b`` prompt the same classes and no box edge or point moved by more than
-    ``tolerance`` pixels (0: identical)."""
+    """True when ``a`` and ``b`` prompt the same classes (and, with one prompt per connected component,
+    the same component slots) and no box edge or point of any prompt moved by more than ``tolerance``
+    pixels (0: identical)."""
 
     def close(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
         if x is None or y is None:
             return x is None and y is None
         return x.shape == y.shape and bool(((x.cpu().float() - y.cpu().float()).abs() <= tolerance).all())
 
-    return torch.equal(a.valid.cpu(), b.valid.cpu()) and close(a.boxes, b.boxes) and close(a.points, b.points)
+    def same(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
+        if x is None or y is None:
+            return x is None and y is None
+        return x.shape == y.shape and torch.equal(x.cpu(), y.cpu())
+
+    return (
+        same(a.valid, b.valid)
+        and same(a.components, b.components)
+        and close(a.boxes, b.boxes)
+        and close(a.points, b.points)
+    )
 
 
 def _plain(x) -> torch.Tensor:
@@ -156,11 +167,13 @@ class SemiSupervisedIteration:
 
     On the unlabelled batch's un-augmented (weak) view the specialized teacher (EMA of the student,
     eval mode) and the generalized teacher (prompted with boxes from the specialized teacher's
-    prediction) give class probabilities; the :class:`EntropyGate` picks each voxel's pseudo-label
-    from the more certain one and masks voxels above the threshold. The student sees the strong view
-    (intensity-augmented), and one random flip/rotation per sample is applied to that view and to the
-    pseudo-labels and mask alike. ``engine.state.gate_threshold`` and ``engine.state.unsup_weight``
-    come from :class:`~custom.handlers.ramps.ScheduleHandler`\\ s.
+    prediction: its argmax, one box per class or per connected component as the teacher's ``box_mode``
+    says, optionally only for regions its softmax is confident about) give class probabilities; the
+    :class:`EntropyGate` picks each voxel's pseudo-label from the more certain one and masks voxels
+    above the threshold. The student sees the strong view (intensity-augmented), and one random
+    flip/rotation per sample is applied to that view and to the pseudo-labels and mask alike.
+    ``engine.state.gate_threshold`` and ``engine.state.unsup_weight`` come from
+    :class:`~custom.handlers.ramps.ScheduleHandler`\\ s.
 
     Args:
         gate: the entropy gate (which teachers, gate on/off).
@@ -173,9 +186,10 @@ class SemiSupervisedIteration:
         distillation: stage 1's distillation, continued on the labelled batch (None: off).
         reuse_generalized: keep each unlabelled image's generalized-teacher output in memory and reuse it
             while the image's prompts stay the same (no decoder call).
-        reuse_tolerance: pixels any box edge or point may move for the stored output still to count as
-            "the same prompts". 0 is exact; a pixel or two trades a slightly stale pseudo-label (the
-            prompts come from the EMA teacher's own, noisy boxes) for far fewer decoder calls.
+        reuse_tolerance: pixels any box edge or point (of every class or component prompt) may move for
+            the stored output still to count as "the same prompts". 0 is exact; a pixel or two trades a
+            slightly stale pseudo-label (the prompts come from the EMA teacher's own, noisy boxes) for far
+            fewer decoder calls.
     """
 
     def __init__(
@@ -211,15 +225,15 @@ class SemiSupervisedIteration:
         spec = torch.softmax(self.specialized(weak).float(), 1)
         gen = None
         if self.generalized is not None:
-            # prompts: boxes of the specialized teacher's current prediction; volumes slice by slice, as
-            # the generalized teacher sees them, so that reuse and decoder batching work per slice
-            labels = spec.argmax(1, keepdim=True)
+            # prompts: boxes of the specialized teacher's current prediction (its softmax goes in, so that
+            # a confidence filter can see it; the regions are its argmax); volumes slice by slice, as the
+            # generalized teacher sees them, so that reuse and decoder batching work per slice
             if weak.ndim == 5:
                 slices = self.generalized.to_slices(weak)
-                prompts = self.generalized.make_prompts(self.generalized.to_slices(labels))
+                prompts = self.generalized.make_prompts(self.generalized.to_slices(spec))
                 gen = self.generalized.from_slices(self._generalized_probs(slices, prompts), len(weak)).to(spec)
             else:
-                gen = self._generalized_probs(weak, self.generalized.make_prompts(labels)).to(spec)
+                gen = self._generalized_probs(weak, self.generalized.make_prompts(spec)).to(spec)
         return spec, gen
 
     def _generalized_probs(self, weak: torch.Tensor, prompts: Prompts) -> torch.Tensor:

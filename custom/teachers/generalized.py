@@ -22,10 +22,30 @@ from certain background, classes are laid on from the largest predicted mask to 
 taking share ``p_c`` of what lies below, ``q <- (1 - p_c) q + p_c e_c``. The result sums to one and a
 structure nested in another (a lesion in its organ) wins over its container.
 
-Abstention: a class without a prompt (absent from the label map the prompts came from) gets
-``p_c = 0`` and zero fusion features; its ``valid`` flag is False. An image (or slice) with no
-prompt at all gets the uniform distribution ``1 / (1 + C)`` everywhere, the maximal entropy
-``ln(1 + C)``, so an entropy gate always prefers the other teacher there.
+Several prompts per class (``box_mode="component"``, one box per connected component, see
+:mod:`custom.teachers.prompts`): every (image, class, component) prompt goes through the mask decoder
+in the same batched call; a class's mask probability is the union of its components' masks, taken as
+the elementwise maximum ``p_c = max_j p_cj``, and its fusion features are the mean over its prompted
+components (each component's image tokens weigh the same, whatever its size).
+
+Abstention: a class without a prompt (absent from the label map the prompts came from, or filtered
+out) gets zero fusion features and its ``valid`` flag is False. What its probability becomes is
+``abstain``:
+
+- ``"zero"`` (default): ``p_c = 0``. Outside the prompted masks the teacher then reports near-certain
+  background, also where the unprompted class may lie (low entropy: an entropy gate trusts it there).
+- ``"uniform"``: the teacher claims nothing about an unprompted class. Outside the prompted masks
+  (pixels where no prompted class's mask probability exceeds 0.5) the background probability of the
+  painter's composition, ``q_0``, is shared equally between background and the ``U`` unprompted
+  classes, ``q_0 / (1 + U)`` each (prompted classes keep their share): where ``q_0`` is near one that
+  is the maximal entropy ``ln(1 + U)`` over the affected classes, so an entropy gate prefers the other
+  teacher there. Inside a prompted mask nothing changes (the unprompted classes stay at 0). Near a
+  mask's edge a prompted class with ``p_c > q_0 / (1 + U)`` becomes the argmax, so the teacher's hard
+  mask reaches slightly further out (to ``p_c`` about ``1 / (2 + U)``) than with ``"zero"``.
+
+An image (or slice) with no prompt at all gets the uniform distribution ``1 / (1 + C)`` everywhere
+in either mode, the maximal entropy ``ln(1 + C)``, so an entropy gate always prefers the other teacher
+there.
 
 The teacher is frozen: eval mode for good, no parameter requires grad, and it computes under
 ``torch.inference_mode`` in float32 (never under CPU autocast: bf16 is ~17x slower there).
@@ -47,7 +67,7 @@ import torch.nn.functional as F
 from custom.teachers.cache import EncoderCache, fingerprint, image_key
 from custom.teachers.foundation import build_foundation_model, file_sha256
 from custom.teachers.mask_decoder import decode_masks
-from custom.teachers.prompts import Prompts, prompts_from_labels
+from custom.teachers.prompts import BOX_MODES, Prompts, prompts_from_labels
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
@@ -74,11 +94,18 @@ class TeacherOutput:
     extras: dict = field(default_factory=dict)
 
 
-def compose_class_probs(mask_probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+ABSTAIN_MODES = ("zero", "uniform")
+
+
+def compose_class_probs(mask_probs: torch.Tensor, valid: torch.Tensor, abstain: str = "zero") -> torch.Tensor:
     """``(B, C, *S)`` per-class mask probabilities and ``(B, C)`` validity -> ``(B, 1 + C, *S)``.
 
     Painter's order composition (see module docstring); images with no valid class get the uniform map.
+    ``abstain``: what an invalid class gets, ``"zero"`` probability or, outside the valid classes' masks,
+    an equal share of the background's (``"uniform"``, see the module docstring).
     """
+    if abstain not in ABSTAIN_MODES:
+        raise ValueError(f"abstain must be one of {ABSTAIN_MODES}, got {abstain!r}")
     b, c = mask_probs.shape[:2]
     spatial = mask_probs.shape[2:]
     out = torch.zeros((b, c + 1, *spatial), dtype=mask_probs.dtype, device=mask_probs.device)
@@ -93,7 +120,20 @@ def compose_class_probs(mask_probs: torch.Tensor, valid: torch.Tensor) -> torch.
             p = mask_probs[i, k]
             out[i] = out[i] * (1 - p)
             out[i, k + 1] += p
+        if abstain == "uniform" and len(order) < c:
+            _share_background(out[i], mask_probs[i], valid[i])
     return out
+
+
+def _share_background(probs: torch.Tensor, mask_probs: torch.Tensor, valid: torch.Tensor) -> None:
+    """In place, for one image: outside the valid classes' masks (``p_c > 0.5``) the background share is
+    split equally between background and the invalid classes (``abstain="uniform"``)."""
+    valid = valid.to(mask_probs.device)
+    inside = (mask_probs[valid] > 0.5).any(0)
+    unprompted = torch.nonzero(~valid, as_tuple=True)[0] + 1
+    share = torch.where(inside, probs[0], probs[0] / (1 + len(unprompted)))
+    probs[0] = share
+    probs[unprompted] = torch.where(inside, probs[unprompted], share)
 
 
 class GeneralizedTeacher(nn.Module):
@@ -112,6 +152,14 @@ class GeneralizedTeacher(nn.Module):
         slice_batch: images (2D images or slices of volumes) per encoder call and, in 3D, per teacher pass.
         cache_dir: folder of the encoder-output cache; ``None`` disables caching.
         seed: seed of the prompt jitter / point sampling generator.
+        box_mode: ``class`` (one prompt per class, default) or ``component`` (one per 2D connected
+            component of each class; see :mod:`custom.teachers.prompts`).
+        min_component_size: component mode: components with fewer pixels get no prompt.
+        max_components: component mode: at most this many prompts (the largest components) per class.
+        prompt_min_confidence: when prompts are made from class probabilities, a region (class or
+            component) gets a prompt only if its class's mean probability over it is at least this (0: off).
+        abstain: an unprompted class's probability: ``zero`` (default) or ``uniform`` (outside the prompted
+            masks it shares the background's probability equally; see the module docstring).
     """
 
     def __init__(
@@ -126,10 +174,21 @@ class GeneralizedTeacher(nn.Module):
         slice_batch: int = 8,
         cache_dir: str | Path | None = None,
         seed: int = 0,
+        box_mode: str = "class",
+        min_component_size: int = 4,
+        max_components: int = 4,
+        prompt_min_confidence: float = 0.0,
+        abstain: str = "zero",
     ) -> None:
         super().__init__()
         if prompt_type not in ("box", "point", "box+point"):
             raise ValueError(f"prompt_type must be 'box', 'point' or 'box+point', got {prompt_type!r}")
+        if box_mode not in BOX_MODES:
+            raise ValueError(f"box_mode must be one of {BOX_MODES}, got {box_mode!r}")
+        if abstain not in ABSTAIN_MODES:
+            raise ValueError(f"abstain must be one of {ABSTAIN_MODES}, got {abstain!r}")
+        if max_components < 1:
+            raise ValueError(f"max_components must be at least 1, got {max_components}")
         self.model, self.spec, self.checkpoint = build_foundation_model(model_name, checkpoint)
         self.model.requires_grad_(False)
         self.model.eval()
@@ -140,6 +199,11 @@ class GeneralizedTeacher(nn.Module):
         self.slice_axis = slice_axis
         self.slice_batch = slice_batch
         self.generator = torch.Generator().manual_seed(seed)
+        self.box_mode = box_mode
+        self.min_component_size = min_component_size
+        self.max_components = max_components
+        self.prompt_min_confidence = prompt_min_confidence
+        self.abstain = abstain
         stages = getattr(self.model.image_encoder, self.spec.feature_modules)
         bad = [i for i in self.feature_indices if not 0 <= i < len(stages)]
         if bad:
@@ -281,6 +345,8 @@ class GeneralizedTeacher(nn.Module):
 
     # -- prompts and mask decoder ---------------------------------------------------------------
     def make_prompts(self, labels: torch.Tensor) -> Prompts:
+        """Prompts from ``(B, [1,] H, W)`` class indices or ``(B, K, H, W)`` one-hot maps / class
+        probabilities (only probabilities let ``prompt_min_confidence`` filter anything)."""
         return prompts_from_labels(
             labels,
             self.num_classes,
@@ -288,6 +354,10 @@ class GeneralizedTeacher(nn.Module):
             with_boxes="box" in self.prompt_type,
             with_points="point" in self.prompt_type,
             generator=self.generator,
+            box_mode=self.box_mode,
+            min_component_size=self.min_component_size,
+            max_components=self.max_components,
+            min_confidence=self.prompt_min_confidence,
         )
 
     @torch.inference_mode()
@@ -295,28 +365,42 @@ class GeneralizedTeacher(nn.Module):
         self, embedding: torch.Tensor, prompts: Prompts, size: tuple[int, int], with_fusion: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-class mask probabilities ``(B, C, H, W)`` and fusion features ``(B, C, 256, h, w)`` over the
-        image's region (:meth:`crop_to_image`); every valid (image, class) prompt of the batch goes through
-        the mask decoder in one call."""
+        image's region (:meth:`crop_to_image`); every prompt of the batch (each valid (image, class), or each
+        used (image, class, component) slot) goes through the mask decoder in one call. With several
+        components a class's mask is their elementwise maximum and its fusion features their mean."""
         b, c = prompts.valid.shape
         h, w = size
         mask_probs = embedding.new_zeros(b, c, h, w)
         fusion = embedding.new_zeros(b, c, *embedding.shape[1:]) if with_fusion else None
-        images, classes = torch.nonzero(prompts.valid.to(embedding.device), as_tuple=True)
+        index = tuple(i.to(embedding.device) for i in prompts.prompt_index())
+        images, classes = index[:2]
         if images.numel() == 0:
             return mask_probs, None if fusion is None else self.crop_to_image(fusion, size)
         nh, nw = self._resized_size(h, w)
         scale = torch.tensor([nw / w, nh / h], device=embedding.device)
-        boxes = None if prompts.boxes is None else prompts.boxes.to(embedding)[images, classes] * scale.repeat(2)
+        boxes = None if prompts.boxes is None else prompts.boxes.to(embedding)[index] * scale.repeat(2)
         points = None
         if prompts.points is not None:
-            coords = (prompts.points.to(embedding)[images, classes] * scale)[:, None]
+            coords = (prompts.points.to(embedding)[index] * scale)[:, None]
             points = (coords, torch.ones(len(images), 1, device=embedding.device))
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=None)
         pe = self.model.prompt_encoder.get_dense_pe()
         low_res, image_tokens = decode_masks(self.model.mask_decoder, embedding, pe, sparse, dense, images)
-        mask_probs[images, classes] = torch.sigmoid(self.postprocess(low_res, size))[:, 0]
+        probs = torch.sigmoid(self.postprocess(low_res, size))[:, 0]
+        tokens = None if fusion is None else image_tokens.transpose(1, 2).reshape(len(images), *embedding.shape[1:])
+        if prompts.components is None:
+            mask_probs[images, classes] = probs
+            if fusion is not None:
+                fusion[images, classes] = tokens
+        else:  # union of each class's component masks, mean of their fusion features
+            flat = images * c + classes
+            per_pixel = flat[:, None].expand(-1, h * w)
+            mask_probs.view(b * c, h * w).scatter_reduce_(0, per_pixel, probs.flatten(1), "amax")
+            if fusion is not None:
+                fusion.view(b * c, *fusion.shape[2:]).index_add_(0, flat, tokens)
+                counts = torch.bincount(flat, minlength=b * c).clamp_min(1).to(fusion)
+                fusion /= counts.view(b, c, *[1] * (fusion.ndim - 2))
         if fusion is not None:
-            fusion[images, classes] = image_tokens.transpose(1, 2).reshape(len(images), *embedding.shape[1:])
             fusion = self.crop_to_image(fusion, size)
         return mask_probs, fusion
 
@@ -329,7 +413,7 @@ class GeneralizedTeacher(nn.Module):
         return TeacherOutput(
             features={k: self.crop_to_image(v, size) for k, v in enc.items()},
             embedding=embedding,
-            probs=compose_class_probs(mask_probs, prompts.valid),
+            probs=compose_class_probs(mask_probs, prompts.valid, self.abstain),
             valid=prompts.valid,
             fusion=fusion,
         )
@@ -343,8 +427,8 @@ class GeneralizedTeacher(nn.Module):
     ) -> TeacherOutput:
         """Run the teacher on ``(B, 1, H, W)`` images or ``(B, 1, X, Y, Z)`` volumes.
 
-        Prompts come from ``prompts`` (2D only) or are made from ``labels`` (class indices or
-        probabilities, same spatial shape as ``images``); with neither, the teacher abstains everywhere.
+        Prompts come from ``prompts`` (2D only) or are made from ``labels`` (class indices, one-hot maps or
+        class probabilities, same spatial shape as ``images``); with neither, the teacher abstains everywhere.
         """
         no_cpu_autocast = torch.autocast("cpu", enabled=False) if images.device.type == "cpu" else nullcontext()
         with no_cpu_autocast, torch.inference_mode():
