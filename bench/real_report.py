@@ -26,17 +26,18 @@ TASKS = ("colin27", "macaque")
 
 
 def zero_shot_table() -> str:
-    rows = ["| task | " + " | ".join(["caudate", "lentiform", "thalamus"]) + " | test slices | seconds |"]
-    rows.append("|---|---|---|---|---|---|")
+    rows = ["| task | prompt | " + " | ".join(["caudate", "lentiform", "thalamus"]) + " | test slices | seconds |"]
+    rows.append("|---|---|---|---|---|---|---|")
     for task in TASKS:
-        path = RESULTS / f"zero_shot_{task}.json"
-        if not path.is_file():
-            continue
-        result = json.loads(path.read_text())
-        dice = result["dice"]
-        cells = [f"{s['mean']:.3f} ± {s['std']:.3f}" for s in dice.values()]
-        n = max(s["n"] for s in dice.values())
-        rows.append(f"| {task} | " + " | ".join(cells) + f" | {n} | {result['seconds']:.0f} |")
+        for suffix, prompt in (("", "one box per class"), ("_component", "one box per connected component")):
+            path = RESULTS / f"zero_shot_{task}{suffix}.json"
+            if not path.is_file():
+                continue
+            result = json.loads(path.read_text())
+            dice = result["dice"]
+            cells = [f"{s['mean']:.3f} ± {s['std']:.3f}" for s in dice.values()]
+            n = max(s["n"] for s in dice.values())
+            rows.append(f"| {task} | {prompt} | " + " | ".join(cells) + f" | {n} | {result['seconds']:.0f} |")
     return "\n".join(rows)
 
 

@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--teacher_model", default=None)
     parser.add_argument("--teacher_checkpoint", default=None)
     parser.add_argument("--datalist", default=None, help="a datalist instead of the embedded phantoms")
+    parser.add_argument("--box-mode", default="class", choices=("class", "component"), help="box per class / component")
     parser.add_argument("--out", default=None, help="JSON to write (default <bundle_root>/eval/teacher_zero_shot.json)")
     args = parser.parse_args()
 
@@ -47,6 +48,7 @@ def main() -> None:
     config["bundle_root"] = args.bundle_root
     config["teacher_cache_dir"] = None
     config["teacher_def#box_jitter"] = args.box_jitter
+    config["teacher_def#box_mode"] = args.box_mode
     if args.datalist is not None:
         config["use_embedded_data"] = False
         config["datalist"] = str(Path(args.datalist).resolve())
@@ -83,7 +85,7 @@ def main() -> None:
         "checkpoint": Path(teacher.checkpoint).name,
         "datalist": _relative(config.get_parsed_content("datalist")),
         "split": args.split,
-        "prompt": f"ground-truth box per class, jitter {args.box_jitter}",
+        "prompt": f"ground-truth box per {args.box_mode}, jitter {args.box_jitter}",
         "dice": {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)} for k, v in dice.items()},
         "seconds": round(elapsed, 1),
     }
