@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,16 @@ def save_student(network, path: Path, class_names: tuple[str, ...] = ("organ", "
     record = TrainingRecord(network, axcodes=axcodes, pixdim=pixdim, class_names=class_names).state_dict()
     torch.save({"model": network.state_dict(), "record": record}, path)
     return Path(path)
+
+
+@contextmanager
+def configured(teacher, **settings):
+    """The shared teacher with some constructor settings changed for the block (restored after)."""
+    saved = {k: getattr(teacher, k) for k in settings}
+    for k, v in settings.items():
+        setattr(teacher, k, v)
+    try:
+        yield teacher
+    finally:
+        for k, v in saved.items():
+            setattr(teacher, k, v)

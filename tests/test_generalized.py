@@ -1,9 +1,9 @@
 import math
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
+from conftest import configured
 
 from custom.data.phantoms import PhantomConfig, make_case
 from custom.losses.distillation import pool_to_grid
@@ -212,19 +212,6 @@ def test_explicit_prompts_and_bad_inputs(lite_teacher):
         lite_teacher(torch.zeros(1, 32, 32))
     with pytest.raises(ValueError, match="prompt_type"):
         GeneralizedTeacher(prompt_type="scribble")
-
-
-@contextmanager
-def configured(teacher: GeneralizedTeacher, **settings):
-    """The shared teacher with some constructor settings changed for the block (restored after)."""
-    saved = {k: getattr(teacher, k) for k in settings}
-    for k, v in settings.items():
-        setattr(teacher, k, v)
-    try:
-        yield teacher
-    finally:
-        for k, v in saved.items():
-            setattr(teacher, k, v)
 
 
 def _two_discs(centres, h=128, w=128, radius=12, seed=0):

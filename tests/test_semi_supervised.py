@@ -1,10 +1,8 @@
 """Stage 2 pieces: the EMA teacher, the shared spatial augmentation, the two data streams."""
 
-from contextlib import contextmanager
-
 import pytest
 import torch
-from conftest import CONFIGS, TINY_NET
+from conftest import CONFIGS, TINY_NET, configured
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 
@@ -164,18 +162,6 @@ def test_same_prompts_compares_every_component_box():
     assert same_prompts(a[0:1], a[torch.tensor([0])])  # slicing keeps every field
 
 
-@contextmanager
-def _configured(teacher, **settings):
-    saved = {k: getattr(teacher, k) for k in settings}
-    for k, v in settings.items():
-        setattr(teacher, k, v)
-    try:
-        yield teacher
-    finally:
-        for k, v in saved.items():
-            setattr(teacher, k, v)
-
-
 def test_stage2_prompts_per_component_from_the_ema_softmax_and_reuses_them(lite_teacher):
     """Stage 2 with every new switch on: the generalized teacher is prompted from the EMA teacher's
     softmax, so the confidence filter drops the blob it is unsure of; its output equals the teacher's own
@@ -191,7 +177,7 @@ def test_stage2_prompts_per_component_from_the_ema_softmax_and_reuses_them(lite_
     weak[:, :, 2:11, 2:11] = 3.0  # p(class 1) = 0.95
     weak[:, :, 20:29, 20:29] = 0.5  # p(class 1) = 0.51: still the argmax, but unsure
     settings = {"box_mode": "component", "abstain": "uniform", "prompt_min_confidence": 0.7}
-    with _configured(lite_teacher, **settings):
+    with configured(lite_teacher, **settings):
         step = SemiSupervisedIteration(EntropyGate("both"), PseudoLabelLoss(), ema, lite_teacher)
         spec, gen = step.teacher_probs(weak)
         prompts = lite_teacher.make_prompts(spec)
@@ -206,6 +192,6 @@ def test_stage2_prompts_per_component_from_the_ema_softmax_and_reuses_them(lite_
         assert torch.equal(gen[:, 0][:, far], gen[:, 2][:, far])
         again = step.teacher_probs(weak)[1]
         assert step.generalized_reused == 2 and torch.equal(again, gen)
-        with _configured(lite_teacher, prompt_min_confidence=0.99):  # no region that sure: abstain everywhere
+        with configured(lite_teacher, prompt_min_confidence=0.99):  # no region that sure: abstain everywhere
             unsure = SemiSupervisedIteration(EntropyGate("both"), PseudoLabelLoss(), ema, lite_teacher)
             assert torch.allclose(unsure.teacher_probs(weak)[1], torch.full_like(gen, 1 / 3))

@@ -265,6 +265,16 @@ def lists_as_training(datalist: str | Path, labelled: list[dict]) -> bool:
     return bool(labelled) and all(str(Path(item["image"]).resolve()) in listed for item in labelled)
 
 
+def write_datalist(folder: str | Path, content: dict, name: str = "datalist.json") -> Path:
+    """Write a datalist atomically into ``folder`` (a temporary file renamed over it), so it appears only
+    once every file it names is written; returns its path."""
+    path = Path(folder) / name
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(content, indent=2))
+    tmp.replace(path)
+    return path
+
+
 def load_classes(datalist: str | Path, required: bool = True, embedded: bool = False) -> list[str] | None:
     """Class names by label value, background first, from a datalist's ``labels`` (the Decathlon
     convention: ``{"0": "background", "1": "liver", ...}``), which must name every value ``0..N-1``.

@@ -22,6 +22,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from custom.data.datalist import write_datalist
+
 CLASS_NAMES = {"0": "background", "1": "organ", "2": "lesion"}
 DATALIST_NAME = "datalist.json"
 
@@ -229,11 +231,7 @@ def generate_dataset(out_dir: str | Path, cfg: PhantomConfig | None = None, **ov
         "numUnlabeled": len(splits["unlabeled"]),
         **splits,
     }
-    path = out / DATALIST_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(datalist, indent=2))
-    tmp.replace(path)  # the datalist appears only once every file it names is written
-    return path
+    return write_datalist(out, datalist, DATALIST_NAME)
 
 
 def ensure_dataset(out_dir: str | Path, **params) -> Path:

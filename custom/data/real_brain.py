@@ -38,6 +38,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from custom.data.datalist import write_datalist
+
 CLASS_NAMES = {"0": "background", "1": "caudate", "2": "lentiform", "3": "thalamus"}
 DATALIST_NAME = "datalist.json"
 PACKAGE = "mricron-data"
@@ -637,11 +639,7 @@ def _write(out: Path, spec: Task, src: Path, names: dict[int, str], names_from: 
         "numUnlabeled": len(splits["unlabeled"]),
         **splits,
     }
-    path = out / DATALIST_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(datalist, indent=2))
-    tmp.replace(path)  # the datalist appears only once every file it names is written
-    return path
+    return write_datalist(out, datalist, DATALIST_NAME)
 
 
 def main(argv: list[str] | None = None) -> None:
