@@ -22,6 +22,14 @@ from custom.data.datalist import load_datalist
 
 SPLITS = ("training", "unlabeled", "validation", "test")
 EXPECTED = {"colin27": {"shape": (181, 217), "spacing": 1.0}, "macaque": {"shape": (168, 206), "spacing": 0.5}}
+CLASSES = ("caudate", "lentiform", "thalamus")
+#: the training pool (training + unlabeled) keeps at least this share of every class's pixels in the atlas
+TRAIN_SHARE = 0.40
+#: ... in at least this many slices where the class covers at least LARGE of its median area in the test slab:
+#: a few core cross-sections at the scale the class is tested at, not one lucky slice nor only its fringes
+#: (the old macaque split had 2 such thalamus slices, its pool thalamus averaging 180 px against ~1040 in test)
+N_LARGE = 3
+LARGE = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +58,22 @@ def _digest(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
+
+
+def _areas(folder: Path, entries: list[dict], key: str = "label") -> np.ndarray:
+    """Pixels of class 1..3 in each listed slice, read from the label files: shape (slices, 3)."""
+    areas = []
+    for entry in entries:
+        rel = entry.get(key) or entry["image"].replace("imagesTr", "labelsTr")
+        label = np.asanyarray(nib.load(folder / rel).dataobj)
+        areas.append([int((label == c).sum()) for c in (1, 2, 3)])
+    return np.array(areas, dtype=np.int64).reshape(len(entries), 3)
+
+
+def _atlas_totals(source: Path, d: dict) -> np.ndarray:
+    """Each class's pixels in the whole source atlas (all slices, also those not written), by label value."""
+    atlas = np.asanyarray(nib.load(source / d["source"]["labels"]).dataobj)
+    return np.array([np.isin(atlas, d["source"]["label_values"][c]).sum() for c in CLASSES], dtype=np.int64)
 
 
 def _world_z(path: Path) -> float:
@@ -92,9 +116,64 @@ def test_every_class_is_in_the_test_split_and_the_labelled_slices(prepared, task
             label = np.asanyarray(nib.load(path.parent / entry["label"]).dataobj)
             values |= set(np.unique(label).tolist())
         assert values == {0, 1, 2, 3}, (key, values)
-    # each test slice holds every class (the test slab lies where all three nuclei are cut)
-    for entry in d["test"]:
+    # each test and validation slice holds every class (both slabs lie where all three nuclei are cut)
+    for entry in d["test"] + d["validation"]:
         assert set(np.unique(np.asanyarray(nib.load(path.parent / entry["label"]).dataobj))) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("task", sorted(EXPECTED))
+def test_the_training_pool_keeps_every_class_and_its_large_slices(source, prepared, task):
+    """Full supervision must be able to learn every class: the pool holds a fair share of each one's
+    pixels, including slices where it is as large as in the test slab (from the label files and the atlas)."""
+    path = prepared[task]
+    d = json.loads(path.read_text())
+    total = _atlas_totals(source, d)
+    pool = _areas(path.parent, d["training"] + d["unlabeled"])
+    test = _areas(path.parent, d["test"])
+    share = pool.sum(0) / total
+    large = (pool >= LARGE * np.median(test, 0)).sum(0)
+    for k, name in enumerate(CLASSES):
+        assert share[k] >= TRAIN_SHARE, (name, round(float(share[k]), 3))
+        assert large[k] >= N_LARGE, (name, int(large[k]))
+    assert real_brain.TRAIN_SHARE_MIN >= TRAIN_SHARE and real_brain.LARGE_SLICES_MIN >= N_LARGE
+    # the evaluation slabs still get a real part of every class, the test slab the larger one
+    val = _areas(path.parent, d["validation"])
+    assert (test.sum(0) / total).min() >= 0.10 and (val.sum(0) / total).min() >= 0.04
+    # the datalist's per-split table says the same as the files
+    stats = d["split_stats"]
+    for key, areas in (("test", test), ("validation", val), ("pool", pool)):
+        assert stats[key]["slices"] == len(areas)
+        for k, name in enumerate(CLASSES):
+            assert stats[key][name]["pixels"] == int(areas[:, k].sum()), (key, name)
+            assert stats[key][name]["slices"] == int((areas[:, k] >= stats_min_pixels(d)).sum()), (key, name)
+    for name, n in zip(CLASSES, total, strict=True):  # the kept slices (gaps included) hold all of the atlas's nuclei
+        assert sum(stats[key][name]["pixels"] for key in ("test", "validation", "gap", "pool")) == n, name
+
+
+def stats_min_pixels(d: dict) -> float:
+    """Pixels from which a class counts as present in a slice (``MIN_AREA_MM2`` on the task's grid)."""
+    spacing = d["source"]["spacing_mm"]
+    return d["generator"]["min_area_mm2"] / (spacing[0] * spacing[1])
+
+
+def test_plan_slices_keeps_its_promises_or_says_why_not():
+    """On made-up areas (three classes with peaks 8 slices apart) the rule's constraints hold and the
+    result is the same every time; a class that lives only where the slabs must go ends the run with one line."""
+    z = np.arange(60)[:, None]
+    area = np.clip(400 - 2 * (z - np.array([22, 30, 38])) ** 2, 0, None)
+    plan = real_brain.plan_slices(area, 1.0, 5)
+    lo, hi = plan["used"]
+    total = area[lo : hi + 1].sum(0)
+    assert (area[plan["pool"]].sum(0) / total >= real_brain.TRAIN_SHARE_MIN).all()
+    assert (area[plan["test"]] >= 5).all() and (area[plan["validation"]] >= 5).all()
+    held = set(plan["test"]) | set(plan["validation"])
+    assert all(abs(p - h) > 1 for p in plan["pool"] for h in held)
+    assert plan == real_brain.plan_slices(area, 1.0, 5)
+    narrow = area.copy()
+    narrow[:, 1] = 0
+    narrow[28:33, 1] = 300  # class 2 only in five slices: no room for two slabs and a training share
+    with pytest.raises(SystemExit, match="^error: no placement"):
+        real_brain.plan_slices(narrow, 1.0, 5)
 
 
 @pytest.mark.parametrize("task", sorted(EXPECTED))

@@ -14,8 +14,11 @@ left and right merged):
 Every axial slice through the nuclei (plus a margin) becomes one 2D case on the native in-plane grid,
 with mild Rician noise and a smooth bias field drawn per slice. One contiguous slab of slices is the
 test split, another the validation split, and the slices next to each (``GAP_MM`` either side) are
-dropped, so no training slice is a near-copy of an evaluation slice. ``bundle/docs/real_data.md``
-describes the data, its licences and how to train the bundle on it.
+dropped, so no training slice is a near-copy of an evaluation slice. The slabs are placed by each
+class's pixel mass along z (:func:`plan_slices`), so that the training pool keeps at least
+``TRAIN_SHARE_MIN`` of every class's pixels, including slices where the class is as large as in the
+test slab. ``bundle/docs/real_data.md`` describes the data, the split rule, its licences and how to
+train the bundle on it.
 
 The same parameters and source files give byte-identical outputs. Run
 ``python -m custom.data.real_brain --help`` for the command line.
@@ -47,11 +50,11 @@ SYSTEM_TEMPLATES = Path("/usr/share/mricron/templates")
 #: environment variable naming a folder with the templates (checked after an explicit ``source``)
 SOURCE_ENV = "UNCOL_MRICRON_TEMPLATES"
 #: bump when the preparation changes, so existing outputs are regenerated
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 #: slices are kept from the first to the last one holding a class, widened by this much either side
 MARGIN_MM = 3.0
-#: slices this close to the test or validation slab (either side) are used nowhere
+#: slices this close to the test or validation slab (either side) are used nowhere (at least one slice)
 GAP_MM = 1.0
 #: a class counts as present in a slice from this area on (5 px at 1 mm, 20 px at 0.5 mm)
 MIN_AREA_MM2 = 5.0
@@ -59,9 +62,18 @@ MIN_AREA_MM2 = 5.0
 NOISE_FRACTION = 0.03
 #: peak relative amplitude of the smooth multiplicative bias field
 BIAS_AMPLITUDE = 0.08
-#: fractions of the longest run of slices holding all classes given to the test and validation slabs
-TEST_FRACTION = 0.35
+#: slab thicknesses, as fractions of the longest run of slices holding all classes (rounded half up)
+TEST_FRACTION = 0.25
 VALIDATION_FRACTION = 0.15
+#: neither slab is thinner than this
+MIN_SLAB_SLICES = 3
+#: every class keeps at least this share of its pixels (over the kept slices) in the training pool
+TRAIN_SHARE_MIN = 0.40
+#: ... and at least LARGE_SLICES_MIN pool slices where it covers LARGE_FRACTION of its median test-slab area
+LARGE_SLICES_MIN = 3
+LARGE_FRACTION = 0.5
+#: weight of the validation share against the test share when placing the slabs (test about twice validation)
+VALIDATION_WEIGHT = 2.0
 
 #: NeuroMaps labels used here, left hemisphere, as named in the INIA19 distribution's
 #: ``inia19-NeuroMaps.txt`` (``value name R G B A`` lines); the right hemisphere's twin of each is
@@ -353,45 +365,132 @@ def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
     return runs
 
 
-def plan_slices(present: np.ndarray, slice_mm: float) -> dict[str, list[int]]:
-    """Split axial slice indices into test, validation, gap and training pool.
+def _slab_size(fraction: float, length: int) -> int:
+    """``fraction`` of ``length`` slices, rounded half up, at least ``MIN_SLAB_SLICES``."""
+    return max(MIN_SLAB_SLICES, int(math.floor(fraction * length + 0.5)))
 
-    ``present[z, k]``: class ``k + 1`` covers at least ``MIN_AREA_MM2`` in slice ``z``. Slices from
-    the first to the last one with any class, widened by ``MARGIN_MM``, are used. In the longest run
-    of slices holding all classes, from inferior to superior: training slices, a gap, the test slab
-    (``TEST_FRACTION`` of the run), a gap, training slices, a gap, the validation slab
-    (``VALIDATION_FRACTION``), a gap; the gaps are ``GAP_MM`` thick and used nowhere."""
-    nz = present.shape[0]
+
+def gap_slices(slice_mm: float) -> int:
+    """Slices either side of an evaluation slab left out: at least ``GAP_MM`` of anatomy (1 at 1 mm, 2 at 0.5 mm)."""
+    return max(1, math.ceil(GAP_MM / slice_mm - 1e-6))
+
+
+def _layout(lo: int, hi: int, test: list[int], validation: list[int], gap: int) -> tuple[list[int], list[int]]:
+    """(gap slices, training pool) of the kept slices ``lo..hi`` once the two slabs are taken out."""
+    held = set(test) | set(validation)
+    near = {z for slab in (test, validation) for z in range(slab[0] - gap, slab[-1] + gap + 1)}
+    gaps = sorted(z for z in near - held if lo <= z <= hi)
+    pool = [z for z in range(lo, hi + 1) if z not in near]
+    return gaps, pool
+
+
+def plan_slices(area: np.ndarray, slice_mm: float, min_pixels: float) -> dict:
+    """Split axial slice indices into test, validation, gap and training pool by each class's pixel mass.
+
+    ``area[z, k]``: pixels of class ``k + 1`` in slice ``z``; a class is present in a slice from
+    ``min_pixels`` on. Slices from the first to the last one with any class present, widened by
+    ``MARGIN_MM``, are kept; a class's share in a set of slices is its pixels there over its pixels in
+    all kept slices. The test slab (``TEST_FRACTION`` of the longest run of slices holding all
+    classes, at least ``MIN_SLAB_SLICES``) and the validation slab (``VALIDATION_FRACTION``) are
+    contiguous runs of slices each holding every class, ``gap_slices`` apart at least; the slices
+    within ``gap_slices`` of either slab are gaps, used nowhere; all other kept slices are the
+    training pool. Of all such placements, those where every class keeps at least
+    ``TRAIN_SHARE_MIN`` of its pixels in the training pool and at least ``LARGE_SLICES_MIN`` pool
+    slices with ``LARGE_FRACTION`` of its median test-slab area are admissible; among them the one
+    with the largest ``min(smallest class share in test, VALIDATION_WEIGHT * smallest class share in
+    validation)`` is taken, ties going to the larger smallest training share, then to the lower slices.
+    """
+    area = np.asarray(area, dtype=np.float64)
+    present = area >= min_pixels
+    nz = area.shape[0]
     any_class = np.flatnonzero(present.any(1))
     if len(any_class) == 0:
         raise _fail("no slice holds any of the classes")
     margin = int(round(MARGIN_MM / slice_mm))
     lo, hi = max(0, int(any_class[0]) - margin), min(nz - 1, int(any_class[-1]) + margin)
-    runs = _runs(present.all(1))
+    every = present.all(1)
+    runs = _runs(every)
     if not runs:
         raise _fail("no slice holds all classes, so a test slab cannot contain every class")
     f0, f1 = max(runs, key=lambda r: (r[1] - r[0], -r[0]))
     length = f1 - f0 + 1
-    gap = max(1, int(round(GAP_MM / slice_mm)))
-    n_test = max(1, int(round(TEST_FRACTION * length)))
-    n_val = max(1, int(round(VALIDATION_FRACTION * length)))
-    rest = length - n_test - n_val - 3 * gap
-    if rest < 2:
-        raise _fail(f"only {length} slices hold all classes: too few for test, validation and training slabs")
-    below = rest // 2
-    test0 = f0 + below + gap
-    val0 = test0 + n_test + gap + (rest - below) + gap
-    test = list(range(test0, test0 + n_test))
-    validation = list(range(val0, val0 + n_val))
-    held = set(test) | set(validation)
-    gaps = sorted(
-        z
-        for slab in (test, validation)
-        for z in [*range(slab[0] - gap, slab[0]), *range(slab[-1] + 1, slab[-1] + 1 + gap)]
-        if z not in held
-    )
-    pool = [z for z in range(lo, hi + 1) if z not in held and z not in gaps]
-    return {"test": test, "validation": validation, "gap": gaps, "pool": pool, "used": [lo, hi]}
+    gap = gap_slices(slice_mm)
+    n_test, n_val = _slab_size(TEST_FRACTION, length), _slab_size(VALIDATION_FRACTION, length)
+    total = area[lo : hi + 1].sum(0)
+
+    def starts(n: int) -> list[int]:
+        return [s for s in range(lo, hi - n + 2) if every[s : s + n].all()]
+
+    best = None
+    for t0 in starts(n_test):
+        test = list(range(t0, t0 + n_test))
+        test_share = area[test].sum(0) / total
+        large = LARGE_FRACTION * np.median(area[test], 0)
+        for v0 in starts(n_val):
+            if not (v0 >= t0 + n_test + gap or v0 + n_val + gap <= t0):
+                continue
+            validation = list(range(v0, v0 + n_val))
+            gaps, pool = _layout(lo, hi, test, validation, gap)
+            train_share = area[pool].sum(0) / total
+            if (train_share < TRAIN_SHARE_MIN).any() or ((area[pool] >= large).sum(0) < LARGE_SLICES_MIN).any():
+                continue
+            val_share = area[validation].sum(0) / total
+            key = (min(float(test_share.min()), VALIDATION_WEIGHT * float(val_share.min())), float(train_share.min()))
+            if best is None or key > best[0]:
+                best = (key, test, validation, gaps, pool)
+    if best is None:
+        raise _fail(
+            f"no placement of a {n_test}-slice test and a {n_val}-slice validation slab (each slice with every class, "
+            f"{gap} gap slice{'s' if gap > 1 else ''} either side) leaves every class "
+            f"{TRAIN_SHARE_MIN:.0%} of its pixels and "
+            f"{LARGE_SLICES_MIN} large slices in training"
+        )
+    (score, _), test, validation, gaps, pool = best
+    return {
+        "test": test,
+        "validation": validation,
+        "gap": gaps,
+        "pool": pool,
+        "used": [lo, hi],
+        "all_classes": [[int(a), int(b)] for a, b in runs],
+        "score": round(score, 4),
+    }
+
+
+def split_stats(area: np.ndarray, splits: dict[str, list[int]], used: list[int], min_pixels: float) -> dict:
+    """Per split: its slice count and, per class, the slices where the class is present (``min_pixels``
+    on), its pixels, their share of the class's pixels in the kept slices ``used`` and the median
+    area of the slices where it is present."""
+    area = np.asarray(area, dtype=np.int64)
+    total = area[used[0] : used[1] + 1].sum(0)
+    stats: dict = {}
+    for name, zs in splits.items():
+        sub = area[sorted(zs)].reshape(len(zs), area.shape[1])
+        entry: dict = {"slices": len(zs)}
+        for k in range(area.shape[1]):
+            col = sub[:, k]
+            here = col[col >= min_pixels]
+            entry[CLASS_NAMES[str(k + 1)]] = {
+                "slices": int(len(here)),
+                "pixels": int(col.sum()),
+                "share": round(float(col.sum()) / float(total[k]), 4),
+                "median_px": int(np.median(here)) if len(here) else 0,
+            }
+        stats[name] = entry
+    return stats
+
+
+def format_stats(stats: dict) -> str:
+    """``split_stats`` as a text table: per split its slices; per class the slices holding it, its share
+    of the class's pixels and its median area (px) in those slices."""
+    classes = [CLASS_NAMES[str(k)] for k in range(1, len(CLASS_NAMES))]
+    rows = [f"{'split':<11}{'slices':>6}" + "".join(f"  {c + ': slices  share  median':>30}" for c in classes)]
+    for name, entry in stats.items():
+        cells = "".join(
+            f"  {entry[c]['slices']:>15} {100 * entry[c]['share']:>5.1f} % {entry[c]['median_px']:>7}" for c in classes
+        )
+        rows.append(f"{name:<11}{entry['slices']:>6}{cells}")
+    return "\n".join(rows)
 
 
 def choose_labelled(pool: list[int], present: np.ndarray, fraction: float, rng: np.random.Generator) -> list[int]:
@@ -486,6 +585,11 @@ def _generator(task: Task, labelled_fraction: float, seed: int, digests: dict[st
         "bias_amplitude": BIAS_AMPLITUDE,
         "test_fraction": TEST_FRACTION,
         "validation_fraction": VALIDATION_FRACTION,
+        "min_slab_slices": MIN_SLAB_SLICES,
+        "train_share_min": TRAIN_SHARE_MIN,
+        "large_slices_min": LARGE_SLICES_MIN,
+        "large_fraction": LARGE_FRACTION,
+        "validation_weight": VALIDATION_WEIGHT,
         "source_sha256": digests,
     }
 
@@ -573,8 +677,9 @@ def _write(out: Path, spec: Task, src: Path, names: dict[int, str], names_from: 
         label[np.isin(atlas, sides["L"] + sides["R"])] = cls
     spacing = [float(s) for s in np.diag(rotation)]
     min_pixels = MIN_AREA_MM2 / (spacing[0] * spacing[1])
-    present = np.stack([(label == c).sum((0, 1)) >= min_pixels for c in sorted(chosen)], 1)
-    plan = plan_slices(present, spacing[2])
+    area = np.stack([(label == c).sum((0, 1)) for c in sorted(chosen)], 1)
+    present = area >= min_pixels
+    plan = plan_slices(area, spacing[2], min_pixels)
     seed = generator["seed"]
     labelled = choose_labelled(
         plan["pool"], present, generator["labelled_fraction"], np.random.default_rng([seed, _TASK_STREAM[spec.key], 0])
@@ -603,6 +708,20 @@ def _write(out: Path, spec: Task, src: Path, names: dict[int, str], names_from: 
 
     def span(zs: list[int]) -> list[int]:
         return [int(min(zs)), int(max(zs))] if zs else []
+
+    stats = split_stats(
+        area,
+        {
+            "test": plan["test"],
+            "validation": plan["validation"],
+            "gap": plan["gap"],
+            "pool": plan["pool"],
+            "training": slices["training"],
+            "unlabeled": slices["unlabeled"],
+        },
+        plan["used"],
+        min_pixels,
+    )
 
     datalist = {
         "name": f"UnCoL real brain nuclei 2D ({spec.key})",
@@ -633,7 +752,10 @@ def _write(out: Path, spec: Task, src: Path, names: dict[int, str], names_from: 
             "validation": span(plan["validation"]),
             "gap": plan["gap"],
             "slice_mm": spacing[2],
+            "all_classes": plan["all_classes"],
+            "score": plan["score"],
         },
+        "split_stats": stats,
         "slices": slices,
         "numTraining": len(splits["training"]),
         "numUnlabeled": len(splits["unlabeled"]),
@@ -658,6 +780,9 @@ def main(argv: list[str] | None = None) -> None:
     d = json.loads(path.read_text())
     counts = ", ".join(f"{k} {len(d[k])}" for k in ("training", "unlabeled", "validation", "test"))
     print(f"wrote {path} ({counts})")
+    slabs = d["slabs"]
+    print(f"test z {slabs['test']}, validation z {slabs['validation']}, gap {slabs['gap']}, kept z {slabs['used']}")
+    print(format_stats(d["split_stats"]))
 
 
 if __name__ == "__main__":
