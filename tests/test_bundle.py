@@ -215,20 +215,6 @@ def test_bad_label_stops_training_before_it_starts(tiny_dataset, tmp_path):
         )
 
 
-def test_3d_variant_trains_both_stages(tmp_path):
-    overrides = tiny_train_overrides(tmp_path, spatial_dims=3)
-    overrides.update(
-        {"embedded_data#shape": [32, 32, 16], "roi_size": [32, 32, 16], "max_epochs": 1, "iterations_per_epoch": 1}
-    )
-    train3d = str(CONFIGS / "train_3d.json")
-    # the generalized teacher runs slice by slice (16 slices a volume): too slow for a unit test on a CPU, so
-    # stage 1 runs without distillation and stage 2 as Mean Teacher; test_generalized covers 3D teachers
-    run("pretrain", config_file=[TRAIN, train3d, str(CONFIGS / "pretrain.json")], distillation="none", **overrides)
-    run("training", config_file=[TRAIN, train3d], teachers="specialized", **overrides)
-    state = student_state(tmp_path / "models" / "model.pt")
-    assert state["patch_embed.weight"].ndim == 5  # a 3D convolution: the 3D student was trained
-
-
 def test_inference_and_training_build_the_same_network():
     train, infer = ConfigParser.load_config_file(TRAIN), ConfigParser.load_config_file(INFER)
     assert train["network_def"] == infer["network_def"]
@@ -244,14 +230,14 @@ def test_training_killed_mid_run_resumes_from_its_last_epoch(tmp_path):
     import signal
     import time
 
-    overrides = {**tiny_train_overrides(tmp_path), "max_epochs": 8}
+    overrides = {**tiny_train_overrides(tmp_path), "max_epochs": 5}
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN]
     for key, value in overrides.items():
         cmd += [f"--{key}", _cli_value(value)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     models = tmp_path / "models"
     deadline = time.time() + 600
-    while not list(models.glob("checkpoint_epoch=[2-7].pt")):
+    while not list(models.glob("checkpoint_epoch=[2-4].pt")):
         assert proc.poll() is None and time.time() < deadline, "training ended or stalled before epoch 2"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
@@ -259,11 +245,11 @@ def test_training_killed_mid_run_resumes_from_its_last_epoch(tmp_path):
     assert not (models / "stage2_last.pt").exists()  # killed: no end-of-run state
     resumed = _cli("training", [TRAIN], {**overrides, "resume": "True"})
     log = resumed.stdout + resumed.stderr
-    assert "resuming from" in log and "Epoch[1] Complete" not in log and "Epoch[8] Complete" in log
+    assert "resuming from" in log and "Epoch[1] Complete" not in log and "Epoch[5] Complete" in log
     assert f"the last 3 training states in {models}/checkpoint_epoch=N.pt" in log
     assert f"the best model in {models}/model.pt" in log
     state = torch.load(models / "stage2_last.pt", map_location="cpu", weights_only=True)
-    assert state["trainer"]["iteration"] == 8 * 2 and state["trainer"]["max_epochs"] == 8
+    assert state["trainer"]["iteration"] == 5 * 2 and state["trainer"]["max_epochs"] == 5
     assert sorted(p.name for p in models.glob("checkpoint_epoch=*.pt")) == [
-        f"checkpoint_epoch={n}.pt" for n in (6, 7, 8)
+        f"checkpoint_epoch={n}.pt" for n in (3, 4, 5)
     ]

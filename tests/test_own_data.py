@@ -73,7 +73,7 @@ def test_own_2d_data_trains_both_stages_with_its_classes_and_folders(own2d):
     assert (own2d.work / "runs" / "eval").is_dir()
 
 
-def test_own_2d_inference_and_evaluation(own2d):
+def test_own_2d_inference_and_evaluation(own2d, monkeypatch):
     work = own2d.work
     _bundle_run(work, "inference", [INFER], ckpt_path="runs/models/model.pt", input_dir="data/images",
                 output_dir="runs/seg", roi_size=[32, 32], **TINY_NET)  # fmt: skip
@@ -83,8 +83,8 @@ def test_own_2d_inference_and_evaluation(own2d):
         assert seg.shape == source.shape and np.allclose(seg.affine, source.affine)
         assert set(np.unique(np.asanyarray(seg.dataobj))) <= {0, 1, 2, 3}
     settings = {k: v for k, v in own2d.settings.items() if k in ("use_embedded_data", "datalist", "roi_size")}
-    _bundle_run(work, "evaluate", [TRAIN, EVALUATE], ckpt_path="runs/models/model.pt", report_dir="runs/report",
-                output_dir="runs/eval", **settings, **TINY_NET)  # fmt: skip
+    _in_process(work, monkeypatch, "evaluate", [TRAIN, EVALUATE], ckpt_path="runs/models/model.pt",
+                report_dir="runs/report", output_dir="runs/eval", **settings, **TINY_NET)  # fmt: skip
     report = json.loads((work / "runs" / "report" / "report.json").read_text())
     assert list(report["metrics"]["test_dice"]) == ["gm", "wm_a", "wm_b"] and report["num_cases"] == 2
 
@@ -148,7 +148,7 @@ def test_a_2d_checkpoint_refuses_a_3d_inference_config(own2d, monkeypatch, tmp_p
     assert not list(tmp_path.glob("seg/*.nii.gz"))
 
 
-def test_own_3d_volumes_of_mixed_sizes_train_and_infer(tmp_path):
+def test_own_3d_volumes_of_mixed_sizes_train_and_infer(tmp_path, monkeypatch):
     write_dataset(tmp_path / "data", [(32, 24, 16), (28, 32, 20)], (1.25, 1.25, 2.0), TINY_COUNTS)
     settings = {
         "use_embedded_data": False,
@@ -166,7 +166,7 @@ def test_own_3d_volumes_of_mixed_sizes_train_and_infer(tmp_path):
     assert "running stage 1 (pretrain) first" in log.stdout + log.stderr
     record = torch.load(tmp_path / "runs" / "models" / "model.pt", map_location="cpu", weights_only=True)["record"]
     assert record["spatial_dims"] == 3 and record["num_classes"] == 4 and record["pixdim"] == [1.25, 1.25, 2.0]
-    _bundle_run(tmp_path, "inference", [INFER, INFER_3D], ckpt_path="runs/models/model.pt",
+    _in_process(tmp_path, monkeypatch, "inference", [INFER, INFER_3D], ckpt_path="runs/models/model.pt",
                 input_dir="data/images", output_dir="runs/seg", roi_size=[32, 32, 16], **TINY_NET)  # fmt: skip
     for image in sorted((tmp_path / "data" / "images").glob("*.nii.gz")):
         source = nib.load(image)
