@@ -3,7 +3,8 @@
 The templates are taken from ``$UNCOL_MRICRON_TEMPLATES`` (a folder holding ``ch2.nii.gz``,
 ``aal.nii.gz``, ``aal.nii.txt``, ``inia19-t1-brain.nii.gz``, ``inia19-NeuroMaps.nii.gz``), else
 ``/usr/share/mricron/templates`` (``apt-get install mricron-data``), else the package is fetched with
-``apt-get download`` into the user cache as the module does; without any of these the tests skip.
+``apt-get download`` into the user cache as the module does; without any of these the tests skip,
+unless ``UNCOL_REQUIRE_REAL_DATA`` is set (CI sets it: there a missing download is a failure).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def source() -> Path:
     try:
         return real_brain.fetch_templates()
     except SystemExit as err:
+        if os.environ.get("UNCOL_REQUIRE_REAL_DATA"):
+            pytest.fail(f"no mricron-data templates ({err})")
         pytest.skip(f"no mricron-data templates ({err}); set {real_brain.SOURCE_ENV}")
 
 

@@ -198,7 +198,13 @@ def fetch_templates(target: Path | None = None) -> Path:
     if (templates / TASKS["colin27"].image).is_file():
         return templates
     with tempfile.TemporaryDirectory() as tmp:
-        _run(["apt-get", "download", PACKAGE], tmp)
+        try:
+            _run(["apt-get", "download", PACKAGE], tmp)
+        except SystemExit:
+            if os.geteuid() != 0:
+                raise
+            _run(["apt-get", "update", "-qq"], tmp)  # a new machine may have no package lists yet
+            _run(["apt-get", "download", PACKAGE], tmp)
         debs = sorted(Path(tmp).glob(f"{PACKAGE}_*.deb"))
         if not debs:
             raise _fail(f"apt-get download {PACKAGE} left no .deb file in {tmp}")
