@@ -85,7 +85,7 @@ SETTINGS = {
     },
 }
 #: the real-anatomy tasks (custom/data/real_brain.py, bundle/docs/real_data.md): whole slices, native spacing
-SETTINGS["colin27"] = {"task": "colin27", "bundle": {"spatial_dims": 2, "roi_size": [192, 224]}, "epochs": 30}
+SETTINGS["colin27"] = {"task": "colin27", "bundle": {"spatial_dims": 2, "roi_size": [192, 224]}, "epochs": 32}
 SETTINGS["macaque"] = {
     "task": "macaque",
     "bundle": {"spatial_dims": 2, "roi_size": [176, 208], "pixdim": [0.5, 0.5]},
