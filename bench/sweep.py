@@ -10,8 +10,11 @@ only) and UnCoL (both teachers) for several labelled fractions and seeds, throug
 
 Every run is stage 1 (``pretrain.json``) then stage 2 (``train.json``), same iterations for every
 method, then ``evaluate.json`` on the test split. Stage 1 is shared between the methods that start
-from the same one (no distillation for the baselines, both paths for UnCoL). With 100 % labels there
-is nothing unlabelled, so only supervised training runs there: the reference line.
+from the same one (no distillation for the baselines, both paths for UnCoL and for
+"distilled_supervised", which trains stage 2 without pseudo-labels so that stage 1's gain and stage
+2's separate); a stage 1 checkpoint is reused only if its overrides match and the code and configs
+are unchanged since the clean commit that trained it (``stage1.json`` beside it). With 100 % labels
+there is nothing unlabelled, so only supervised training runs there: the reference line.
 
 Each finished run writes one JSON (``<results>/runs/<dims>d/<fraction>_<method>_seed<k>.json``: the
 metrics, the overrides, seconds and commit); runs whose JSON exists are skipped, so an interrupted
@@ -44,12 +47,15 @@ TRAIN, PRETRAIN, EVALUATE = (str(CONFIGS / f) for f in ("train.json", "pretrain.
 METHODS = {
     "supervised": {"stage1": "none", "stage2": {"teachers": "specialized", "max_unsup_weight": 0.0}},
     "mean_teacher": {"stage1": "none", "stage2": {"teachers": "specialized"}},
+    # UnCoL's stage 1, then no pseudo-labels: separates stage 1's gain from stage 2's
+    "distilled_supervised": {"stage1": "both", "stage2": {"teachers": "specialized", "max_unsup_weight": 0.0}},
     "uncol_generalized": {"stage1": "both", "stage2": {"teachers": "generalized"}},
     "uncol": {"stage1": "both", "stage2": {"teachers": "both"}},
 }
 LABELS = {
     "supervised": "supervised only",
     "mean_teacher": "Mean Teacher",
+    "distilled_supervised": "stage 1 distillation + supervised stage 2",
     "uncol_generalized": "UnCoL, generalized teacher only",
     "uncol": "UnCoL (both teachers)",
 }
@@ -178,11 +184,15 @@ def run_one(setting: str, fraction: float, method: str, seed: int, work: Path, r
     seconds = {}
     stage1_root = work / f"fraction_{fraction:g}" / f"seed{seed}" / f"stage1_{stage1}"
     stage1_ckpt = stage1_root / "models" / "pretrain.pt"
-    if not stage1_ckpt.is_file():
+    stage1_settings = portable({**shared, "distillation": stage1})
+    if not reusable_stage1(stage1_root, stage1_settings):
+        shutil.rmtree(stage1_root, ignore_errors=True)
         start = time.perf_counter()
         run("pretrain", config_file=[*configs, PRETRAIN], bundle_root=str(stage1_root), distillation=stage1, **shared)
-        (stage1_root / "seconds.txt").write_text(f"{time.perf_counter() - start:.1f}")
-    seconds["stage1"] = float((stage1_root / "seconds.txt").read_text())
+        record = {"commit": commit(), "seconds": round(time.perf_counter() - start, 1), "overrides": stage1_settings}
+        (stage1_root / "stage1.json").write_text(json.dumps(record, indent=2))
+    stage1_record = json.loads((stage1_root / "stage1.json").read_text())
+    seconds["stage1"] = stage1_record["seconds"]
     root = work / f"fraction_{fraction:g}" / f"seed{seed}" / method
     (root / "models").mkdir(parents=True, exist_ok=True)
     shutil.copy(stage1_ckpt, root / "models" / "pretrain.pt")
@@ -197,6 +207,7 @@ def run_one(setting: str, fraction: float, method: str, seed: int, work: Path, r
         "method": method,
         "seed": seed,
         "commit": commit(),
+        "stage1_commit": stage1_record["commit"],
         "seconds": seconds,
         "stage1_overrides": portable({**shared, "distillation": stage1}),
         "stage2_overrides": portable({**shared, **stage2}),
@@ -209,6 +220,23 @@ def run_one(setting: str, fraction: float, method: str, seed: int, work: Path, r
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(path)
     return result
+
+
+#: what a stage 1 checkpoint depends on: reused only if none of it changed since the commit that trained it
+STAGE1_SOURCES = ("custom", "bundle/configs")
+
+
+def reusable_stage1(root: Path, settings: dict) -> bool:
+    """A stage 1 checkpoint under ``root`` is reused only if it was trained with the same overrides,
+    from a clean tree, and ``git`` shows no change to the code and configs since that commit."""
+    record_path = root / "stage1.json"
+    if not (root / "models" / "pretrain.pt").is_file() or not record_path.is_file():
+        return False
+    record = json.loads(record_path.read_text())
+    if record["overrides"] != settings or record["commit"].endswith("-dirty") or commit().endswith("-dirty"):
+        return False
+    diff = subprocess.run(["git", "diff", "--quiet", record["commit"], "HEAD", "--", *STAGE1_SOURCES], cwd=ROOT)
+    return diff.returncode == 0
 
 
 def portable(overrides: dict) -> dict:

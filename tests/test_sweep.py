@@ -2,10 +2,12 @@
 
 import json
 import math
+import subprocess
 
 import nibabel as nib
 
-from bench.sweep import main, summarise, table
+import bench.sweep as sweep
+from bench.sweep import ROOT, main, reusable_stage1, summarise, table
 
 
 def test_quick_sweep_writes_runs_table_and_plot_and_resumes(tmp_path):
@@ -15,6 +17,7 @@ def test_quick_sweep_writes_runs_table_and_plot_and_resumes(tmp_path):
     main(args)
     runs = sorted(p.stem for p in (results / "runs" / "quick").glob("*.json"))
     assert runs == [
+        "0.5_distilled_supervised_seed0",
         "0.5_mean_teacher_seed0",
         "0.5_supervised_seed0",
         "0.5_uncol_generalized_seed0",
@@ -32,6 +35,29 @@ def test_quick_sweep_writes_runs_table_and_plot_and_resumes(tmp_path):
     (tmp_path / "work").rename(tmp_path / "gone")
     main(args)
     assert page.read_text() == text
+
+
+def test_stage1_is_reused_only_with_the_same_overrides_and_unchanged_code(tmp_path, monkeypatch):
+    """A stage 1 checkpoint trained at a commit whose code differs from HEAD's, with other overrides,
+    or from a dirty tree is trained again, not silently reused."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    head, first = git("rev-parse", "--short", "HEAD"), git("rev-list", "--max-parents=0", "HEAD")
+    monkeypatch.setattr(sweep, "commit", lambda: head)  # a clean tree at HEAD
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "pretrain.pt").write_bytes(b"weights")
+    settings = {"seed": 0, "distillation": "both"}
+
+    def record(commit: str, overrides: dict) -> bool:
+        (tmp_path / "stage1.json").write_text(json.dumps({"commit": commit, "seconds": 1.0, "overrides": overrides}))
+        return reusable_stage1(tmp_path, settings)
+
+    assert record(head, settings)
+    assert not record(head, {**settings, "seed": 1})
+    assert not record(head + "-dirty", settings)
+    assert not record(first, settings), "the first commit has none of today's code"
 
 
 def test_quick_3d_sweep_trains_and_evaluates_volumes(tmp_path):
