@@ -50,7 +50,7 @@ SYSTEM_TEMPLATES = Path("/usr/share/mricron/templates")
 #: environment variable naming a folder with the templates (checked after an explicit ``source``)
 SOURCE_ENV = "UNCOL_MRICRON_TEMPLATES"
 #: bump when the preparation changes, so existing outputs are regenerated
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 #: slices are kept from the first to the last one holding a class, widened by this much either side
 MARGIN_MM = 3.0
@@ -72,8 +72,9 @@ TRAIN_SHARE_MIN = 0.40
 #: ... and at least LARGE_SLICES_MIN pool slices where it covers LARGE_FRACTION of its median test-slab area
 LARGE_SLICES_MIN = 3
 LARGE_FRACTION = 0.5
-#: weight of the validation share against the test share when placing the slabs (test about twice validation)
-VALIDATION_WEIGHT = 2.0
+#: each slab holds every class's core: a median area of at least this fraction of the class's median
+#: area over the kept slices that hold it
+CORE_FRACTION = 0.5
 
 #: NeuroMaps labels used here, left hemisphere, as named in the INIA19 distribution's
 #: ``inia19-NeuroMaps.txt`` (``value name R G B A`` lines); the right hemisphere's twin of each is
@@ -129,6 +130,10 @@ class Task:
     #: class value -> region names without hemisphere (both hemispheres are taken)
     classes: dict[int, tuple[str, ...]]
     description: str
+    #: (test, validation) slab thickness in slices; None: TEST_FRACTION / VALIDATION_FRACTION of the run
+    slab_slices: tuple[int, int] | None = None
+    #: weight of the validation share against the test share when placing the slabs
+    validation_weight: float = 2.0
 
 
 TASKS = {
@@ -155,6 +160,11 @@ TASKS = {
             ),
         },
         description="INIA19 rhesus macaque T1 with NeuroMaps deep grey nuclei, axial 2D slices at 0.5 mm",
+        # the three nuclei overlap in a short axial band (caudate large above it, lentiform below):
+        # 4 + 3 slices by the fractions left the validation slab with 4.6 % of the lentiform at the
+        # edge of its extent; two equal 3-slice slabs weighted alike give both slabs every class's core
+        slab_slices=(3, 3),
+        validation_weight=1.0,
     ),
 }
 #: per-task stream index of the noise generator, so the two tasks never share noise
@@ -390,20 +400,28 @@ def _layout(lo: int, hi: int, test: list[int], validation: list[int], gap: int) 
     return gaps, pool
 
 
-def plan_slices(area: np.ndarray, slice_mm: float, min_pixels: float) -> dict:
+def plan_slices(
+    area: np.ndarray,
+    slice_mm: float,
+    min_pixels: float,
+    slab_slices: tuple[int, int] | None = None,
+    validation_weight: float = 2.0,
+) -> dict:
     """Split axial slice indices into test, validation, gap and training pool by each class's pixel mass.
 
     ``area[z, k]``: pixels of class ``k + 1`` in slice ``z``; a class is present in a slice from
     ``min_pixels`` on. Slices from the first to the last one with any class present, widened by
     ``MARGIN_MM``, are kept; a class's share in a set of slices is its pixels there over its pixels in
     all kept slices. The test slab (``TEST_FRACTION`` of the longest run of slices holding all
-    classes, at least ``MIN_SLAB_SLICES``) and the validation slab (``VALIDATION_FRACTION``) are
-    contiguous runs of slices each holding every class, ``gap_slices`` apart at least; the slices
+    classes, at least ``MIN_SLAB_SLICES``) and the validation slab (``VALIDATION_FRACTION``), or
+    ``slab_slices`` (test, validation) slices, are contiguous runs of slices each holding every class
+    and each class's core (median area at least ``CORE_FRACTION`` of the class's median area over the
+    kept slices that hold it), ``gap_slices`` apart at least; the slices
     within ``gap_slices`` of either slab are gaps, used nowhere; all other kept slices are the
     training pool. Of all such placements, those where every class keeps at least
     ``TRAIN_SHARE_MIN`` of its pixels in the training pool and at least ``LARGE_SLICES_MIN`` pool
     slices with ``LARGE_FRACTION`` of its median test-slab area are admissible; among them the one
-    with the largest ``min(smallest class share in test, VALIDATION_WEIGHT * smallest class share in
+    with the largest ``min(smallest class share in test, validation_weight * smallest class share in
     validation)`` is taken, ties going to the larger smallest training share, then to the lower slices.
     """
     area = np.asarray(area, dtype=np.float64)
@@ -421,8 +439,9 @@ def plan_slices(area: np.ndarray, slice_mm: float, min_pixels: float) -> dict:
     f0, f1 = max(runs, key=lambda r: (r[1] - r[0], -r[0]))
     length = f1 - f0 + 1
     gap = gap_slices(slice_mm)
-    n_test, n_val = _slab_size(TEST_FRACTION, length), _slab_size(VALIDATION_FRACTION, length)
+    n_test, n_val = slab_slices or (_slab_size(TEST_FRACTION, length), _slab_size(VALIDATION_FRACTION, length))
     total = area[lo : hi + 1].sum(0)
+    core = CORE_FRACTION * np.array([np.median(col[col >= min_pixels]) for col in area[lo : hi + 1].T])
 
     def starts(n: int) -> list[int]:
         return [s for s in range(lo, hi - n + 2) if every[s : s + n].all()]
@@ -440,8 +459,10 @@ def plan_slices(area: np.ndarray, slice_mm: float, min_pixels: float) -> dict:
             train_share = area[pool].sum(0) / total
             if (train_share < TRAIN_SHARE_MIN).any() or ((area[pool] >= large).sum(0) < LARGE_SLICES_MIN).any():
                 continue
+            if (np.median(area[test], 0) < core).any() or (np.median(area[validation], 0) < core).any():
+                continue
             val_share = area[validation].sum(0) / total
-            key = (min(float(test_share.min()), VALIDATION_WEIGHT * float(val_share.min())), float(train_share.min()))
+            key = (min(float(test_share.min()), validation_weight * float(val_share.min())), float(train_share.min()))
             if best is None or key > best[0]:
                 best = (key, test, validation, gaps, pool)
     if best is None:
@@ -449,7 +470,7 @@ def plan_slices(area: np.ndarray, slice_mm: float, min_pixels: float) -> dict:
             f"no placement of a {n_test}-slice test and a {n_val}-slice validation slab (each slice with every class, "
             f"{gap} gap slice{'s' if gap > 1 else ''} either side) leaves every class "
             f"{TRAIN_SHARE_MIN:.0%} of its pixels and "
-            f"{LARGE_SLICES_MIN} large slices in training"
+            f"{LARGE_SLICES_MIN} large slices in training, and both slabs every class's core"
         )
     (score, _), test, validation, gaps, pool = best
     return {
@@ -595,7 +616,9 @@ def _generator(task: Task, labelled_fraction: float, seed: int, digests: dict[st
         "train_share_min": TRAIN_SHARE_MIN,
         "large_slices_min": LARGE_SLICES_MIN,
         "large_fraction": LARGE_FRACTION,
-        "validation_weight": VALIDATION_WEIGHT,
+        "slab_slices": list(task.slab_slices) if task.slab_slices else None,
+        "validation_weight": task.validation_weight,
+        "core_fraction": CORE_FRACTION,
         "source_sha256": digests,
     }
 
@@ -685,7 +708,7 @@ def _write(out: Path, spec: Task, src: Path, names: dict[int, str], names_from: 
     min_pixels = MIN_AREA_MM2 / (spacing[0] * spacing[1])
     area = np.stack([(label == c).sum((0, 1)) for c in sorted(chosen)], 1)
     present = area >= min_pixels
-    plan = plan_slices(area, spacing[2], min_pixels)
+    plan = plan_slices(area, spacing[2], min_pixels, spec.slab_slices, spec.validation_weight)
     seed = generator["seed"]
     labelled = choose_labelled(
         plan["pool"], present, generator["labelled_fraction"], np.random.default_rng([seed, _TASK_STREAM[spec.key], 0])
