@@ -62,3 +62,29 @@ def test_pseudo_loss_only_sees_gated_voxels():
     other[:, :, 4:] = (other[:, :, 4:] + 1) % 3  # labels under the mask do not matter
     assert torch.allclose(loss_fn(logits, other, mask), loss)
     assert loss_fn(logits, pseudo, torch.zeros_like(mask)).item() == 0.0
+
+
+def test_quantile_gate_keeps_each_pseudo_class_its_most_certain_share():
+    """With the kept fraction as threshold every pseudo-class keeps its own lowest-entropy voxels,
+    however confident the teachers are overall (an entropy threshold near ln C keeps them all)."""
+    certain = [[0.99, 0.005, 0.005], [0.98, 0.01, 0.01], [0.97, 0.02, 0.01], [0.96, 0.02, 0.02]]
+    lesion = [[0.01, 0.01, 0.98], [0.3, 0.1, 0.6]]
+    spec = _probs(*certain, *lesion)
+    result = EntropyGate("specialized", "quantile")(spec, None, threshold=0.5)
+    assert result.mask.flatten().tolist() == [1, 1, 0, 0, 1, 0]
+    assert EntropyGate("specialized", "entropy")(spec, None, threshold=math.log(3)).mask.all()
+    assert EntropyGate("specialized", "quantile")(spec, None, threshold=1.0).mask.all()
+    with pytest.raises(ValueError, match="fraction"):
+        EntropyGate("specialized", "quantile")(spec, None, threshold=0.0)
+
+
+def test_disagreement_mask_drops_the_voxels_where_the_teachers_differ():
+    spec = _probs([0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1])
+    gen = _probs([0.8, 0.1, 0.1], [0.05, 0.05, 0.9], [0.7, 0.2, 0.1])
+    decide = EntropyGate("both", "none", disagreement="entropy")(spec, gen, threshold=0.0)
+    masked = EntropyGate("both", "none", disagreement="mask")(spec, gen, threshold=0.0)
+    assert decide.mask.flatten().tolist() == [1, 1, 1]
+    assert masked.mask.flatten().tolist() == [1, 0, 1]
+    assert torch.equal(decide.pseudo_label, masked.pseudo_label)
+    with pytest.raises(ValueError, match="disagreement"):
+        EntropyGate("both", disagreement="vote")

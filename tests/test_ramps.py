@@ -3,7 +3,14 @@ import math
 import pytest
 from ignite.engine import Engine
 
-from custom.handlers.ramps import ScheduleHandler, ThresholdSchedule, WeightSchedule, sigmoid_rampup
+from custom.handlers.ramps import (
+    KeptFractionSchedule,
+    ScheduleHandler,
+    ThresholdSchedule,
+    WeightSchedule,
+    gate_schedule,
+    sigmoid_rampup,
+)
 
 
 def test_sigmoid_rampup_shape():
@@ -20,6 +27,18 @@ def test_threshold_schedule_start_middle_end():
     assert ramped(100) == pytest.approx(ln3) and ramped(1000) == pytest.approx(ln3)
     fixed = ThresholdSchedule(num_classes=3, ramp_iters=100, ramped=False, start=0.8)
     assert fixed(0) == fixed(50) == fixed(100) == pytest.approx(0.8 * ln3)
+
+
+def test_kept_fraction_schedule_relaxes_or_tightens_and_the_gate_picks_its_schedule():
+    relax = KeptFractionSchedule(ramp_iters=100, start=0.5, end=0.8)
+    assert relax(0) == pytest.approx(0.5 + 0.3 * math.exp(-5)) and relax(100) == pytest.approx(0.8)
+    tighten = KeptFractionSchedule(ramp_iters=100, start=0.9, end=0.6)
+    assert tighten(0) > tighten(50) > tighten(100) == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="kept fraction"):
+        KeptFractionSchedule(ramp_iters=100, start=0.0)
+    assert isinstance(gate_schedule("quantile", 4, 100), KeptFractionSchedule)
+    entropy = gate_schedule("entropy", 4, 100)
+    assert isinstance(entropy, ThresholdSchedule) and entropy(100) == pytest.approx(math.log(4))
 
 
 def test_schedule_handler_writes_state_before_each_iteration():

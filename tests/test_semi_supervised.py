@@ -195,3 +195,88 @@ def test_stage2_prompts_per_component_from_the_ema_softmax_and_reuses_them(lite_
         with configured(lite_teacher, prompt_min_confidence=0.99):  # no region that sure: abstain everywhere
             unsure = SemiSupervisedIteration(EntropyGate("both"), PseudoLabelLoss(), ema, lite_teacher)
             assert torch.allclose(unsure.teacher_probs(weak)[1], torch.full_like(gen, 1 / 3))
+
+
+def _step_setup(seed: int = 0):
+    """A tiny student, a pixelwise EMA stand-in (1x1 conv: the pseudo-label at a pixel depends only on
+    that pixel), and one labelled + unlabelled batch of 32x32 images (strong view = weak view)."""
+    from monai.engines import SupervisedTrainer
+    from monai.losses import DiceCELoss
+
+    from custom.engines.uncol import SemiSupervisedIteration
+    from custom.losses.pseudo_label import EntropyGate, PseudoLabelLoss
+    from custom.networks.student import UnCoLStudent
+
+    torch.manual_seed(seed)
+    student = UnCoLStudent(2, 1, 3, hidden_size=48, mlp_dim=96, num_heads=2, feature_size=8)
+    ema = torch.nn.Conv2d(1, 3, 1)
+    with torch.no_grad():
+        ema.weight.copy_(torch.tensor([-2.0, 2.0, 0.5]).view(3, 1, 1, 1))
+    g = torch.Generator().manual_seed(seed)
+    weak = torch.randn(2, 1, 32, 32, generator=g)
+    labelled = {
+        "image": torch.randn(2, 1, 32, 32, generator=g),
+        "label": torch.randint(0, 3, (2, 1, 32, 32), generator=g),
+    }
+    batch = {"labelled": labelled, "unlabelled": {"image": weak, "image_strong": weak.clone()}}
+    seen: dict = {}
+
+    class Recorded(PseudoLabelLoss):
+        def forward(self, logits, pseudo, mask):
+            seen.update(pseudo=pseudo, mask=mask)
+            return super().forward(logits, pseudo, mask)
+
+    step = SemiSupervisedIteration(EntropyGate("specialized"), Recorded(), ema, seed=seed)
+    inputs = []
+    original = student.forward_features
+    student.forward_features = lambda x: (inputs.append(x.detach().clone()), original(x))[1]
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    trainer = SupervisedTrainer(
+        torch.device("cpu"),
+        1,
+        [batch],
+        student,
+        optimizer,
+        DiceCELoss(to_onehot_y=True, softmax=True),
+        iteration_update=step,
+    )
+    return trainer, step, ema, batch, seen, inputs
+
+
+def test_pseudo_label_and_mask_stay_aligned_with_the_students_flipped_rotated_view():
+    """The student sees the strong view after a random flip/rotation; the pseudo-label it is trained on
+    is the EMA teacher's label of exactly the pixels it sees (recomputed on the transformed view)."""
+    trainer, step, ema, batch, seen, inputs = _step_setup()
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: setattr(e.state, "gate_threshold", 0.9))
+    trainer.run()
+    student_view = inputs[0][2:]  # labelled images first, then the strong unlabelled view
+    assert not torch.equal(student_view, batch["unlabelled"]["image"])  # the seed draws a real transform
+    with torch.no_grad():
+        expected = torch.softmax(ema(student_view), 1)
+    assert torch.equal(seen["pseudo"], expected.argmax(1, keepdim=True))
+    entropy = -(expected * expected.clamp_min(1e-8).log()).sum(1, keepdim=True)
+    assert torch.equal(seen["mask"], (entropy < 0.9).float())  # the threshold reached the gate
+    assert 0 < seen["mask"].mean() < 1
+
+
+def test_zero_unsupervised_weight_is_exactly_the_supervised_step():
+    from monai.engines import SupervisedTrainer
+
+    trainer, step, ema, batch, seen, inputs = _step_setup()
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: setattr(e.state, "gate_threshold", 0.9))
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: setattr(e.state, "unsup_weight", 0.0))
+    reference, *_ = _step_setup()
+    plain = SupervisedTrainer(
+        torch.device("cpu"), 1, [batch["labelled"]], reference.network, reference.optimizer, reference.loss_function
+    )
+    trainer.run()
+    plain.run()
+    for (name, a), b in zip(trainer.network.state_dict().items(), plain.network.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert seen["mask"].sum() > 0  # the pseudo term had voxels to train on, and weighed 0
+
+
+def test_a_gate_without_a_threshold_is_an_error_not_keep_nothing():
+    trainer, *_ = _step_setup()
+    with pytest.raises(RuntimeError, match="no threshold"):
+        trainer.run()

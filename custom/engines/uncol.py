@@ -216,13 +216,15 @@ class SemiSupervisedIteration:
         self.reuse_generalized = reuse_generalized
         self.reuse_tolerance = reuse_tolerance
         self._generalized_memo: dict[str, tuple[Prompts, torch.Tensor]] = {}
+        #: divides the EMA teacher's logits before its softmax (set by ``TeacherCalibration``; 1: off)
+        self.specialized_temperature = 1.0
         self.generalized_calls = 0
         self.generalized_reused = 0
 
     @torch.no_grad()
     def teacher_probs(self, weak: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.specialized.eval()
-        spec = torch.softmax(self.specialized(weak).float(), 1)
+        spec = torch.softmax(self.specialized(weak).float() / self.specialized_temperature, 1)
         gen = None
         if self.generalized is not None:
             # prompts: boxes of the specialized teacher's current prediction (its softmax goes in, so that
@@ -235,6 +237,10 @@ class SemiSupervisedIteration:
             else:
                 gen = self._generalized_probs(weak, self.generalized.make_prompts(spec)).to(spec)
         return spec, gen
+
+    def forget_generalized(self) -> None:
+        """Drop the stored generalized-teacher outputs (they are stale once its mask temperature changes)."""
+        self._generalized_memo.clear()
 
     def _generalized_probs(self, weak: torch.Tensor, prompts: Prompts) -> torch.Tensor:
         """The generalized teacher's class probabilities, reused when an image comes back with the same
@@ -265,7 +271,12 @@ class SemiSupervisedIteration:
         images, labels = engine.prepare_batch(labelled, device, engine.non_blocking)
         weak = _plain(unlabelled["image"]).to(device)
         strong = _plain(unlabelled[self.strong_key]).to(device)
-        threshold = float(getattr(engine.state, "gate_threshold", 0.0))
+        if self.gate.gate != "none" and getattr(engine.state, "gate_threshold", None) is None:
+            raise RuntimeError(
+                "stage 2's gate has no threshold: attach a ScheduleHandler named 'gate_threshold' "
+                "(train.json's train#handlers) or use gate='none'"
+            )
+        threshold = float(getattr(engine.state, "gate_threshold", 0.0) or 0.0)
         unsup_weight = float(getattr(engine.state, "unsup_weight", 1.0))
 
         reused_before = self.generalized_reused

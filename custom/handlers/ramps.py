@@ -41,6 +41,36 @@ class ThresholdSchedule:
         return (self.start + (self.end - self.start) * sigmoid_rampup(t, self.ramp_iters)) * self.max_entropy
 
 
+class KeptFractionSchedule:
+    """Fraction of each pseudo-class's voxels a quantile gate keeps: ``start + (end - start) * rampup(t)``.
+
+    ``start < end`` starts strict and relaxes as the teachers improve; ``start > end`` tightens over
+    training (the paper's "gradually increases confidence requirements")."""
+
+    def __init__(self, ramp_iters: int, start: float = 0.5, end: float = 0.8) -> None:
+        for name, value in (("start", start), ("end", end)):
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"kept fraction {name} must be in (0, 1], got {value}")
+        self.ramp_iters, self.start, self.end = ramp_iters, start, end
+
+    def __call__(self, t: int) -> float:
+        return self.start + (self.end - self.start) * sigmoid_rampup(t, self.ramp_iters)
+
+
+def gate_schedule(
+    gate: str,
+    num_classes: int,
+    ramp_iters: int,
+    ramped: bool = True,
+    keep_start: float = 0.5,
+    keep_end: float = 0.8,
+) -> Callable[[int], float]:
+    """The threshold schedule the gate reads: a kept fraction for ``gate="quantile"``, an entropy otherwise."""
+    if gate == "quantile":
+        return KeptFractionSchedule(ramp_iters, keep_start, keep_end)
+    return ThresholdSchedule(num_classes, ramp_iters, ramped=ramped)
+
+
 class WeightSchedule:
     """Unsupervised loss weight ``lambda_u(t) = max_weight * rampup(t)``."""
 

@@ -2,11 +2,16 @@
 
 For every unlabelled voxel the Shannon entropy of each teacher's class probabilities is computed;
 the more certain teacher (lower entropy) supplies the pseudo-label, and only voxels whose chosen
-entropy is below the current threshold are supervised.
+entropy is below the current threshold are supervised. The threshold is an entropy (``gate="entropy"``,
+UA-MT's rule) or, with ``gate="quantile"``, the fraction of each pseudo-class's voxels to keep: per
+class, the voxels with the lowest entropy in the batch (self-adaptive: informative for any number of
+classes and however confident the teachers are). Where the teachers disagree on the class,
+``disagreement="mask"`` drops the voxel instead of letting the lower entropy decide.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +20,25 @@ import torch.nn.functional as F
 from monai.losses import MaskedDiceLoss
 
 TEACHER_MODES = ("both", "specialized", "generalized")
-GATE_MODES = ("entropy", "none")
+GATE_MODES = ("entropy", "quantile", "none")
+DISAGREEMENT_MODES = ("entropy", "mask")
+
+
+def classwise_quantile_mask(entropy: torch.Tensor, pseudo_label: torch.Tensor, keep: float) -> torch.Tensor:
+    """1 on the ``keep`` fraction (rounded up) of each class's voxels with the lowest entropy, else 0.
+
+    ``entropy`` and ``pseudo_label`` are ``(B, 1, *S)``; classes are the pseudo-label's, counted over the
+    whole batch. Voxels tied with a class's cut-off entropy are all kept."""
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"a quantile gate keeps a fraction in (0, 1], got {keep}")
+    mask = torch.zeros_like(entropy)
+    for c in torch.unique(pseudo_label):
+        members = pseudo_label == c
+        values = entropy[members]
+        k = max(1, math.ceil(keep * values.numel()))
+        cutoff = values.kthvalue(k).values
+        mask[members & (entropy <= cutoff)] = 1.0
+    return mask
 
 
 def shannon_entropy(probs: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
@@ -47,16 +70,22 @@ class EntropyGate:
 
     Args:
         teachers: ``both`` (UnCoL), ``specialized`` (Mean Teacher with the same gate) or ``generalized``.
-        gate: ``entropy`` (keep voxels whose chosen entropy < threshold) or ``none`` (keep all).
+        gate: ``entropy`` (keep voxels whose chosen entropy < threshold), ``quantile`` (the threshold is
+            the fraction of each pseudo-class's voxels kept, those of lowest entropy) or ``none`` (keep all).
+        disagreement: with both teachers, where their classes differ: ``entropy`` (the lower entropy
+            decides, then the gate) or ``mask`` (not supervised).
     """
 
-    def __init__(self, teachers: str = "both", gate: str = "entropy") -> None:
+    def __init__(self, teachers: str = "both", gate: str = "entropy", disagreement: str = "entropy") -> None:
         if teachers not in TEACHER_MODES:
             raise ValueError(f"teachers must be one of {TEACHER_MODES}, got {teachers!r}")
         if gate not in GATE_MODES:
             raise ValueError(f"gate must be one of {GATE_MODES}, got {gate!r}")
+        if disagreement not in DISAGREEMENT_MODES:
+            raise ValueError(f"disagreement must be one of {DISAGREEMENT_MODES}, got {disagreement!r}")
         self.teachers = teachers
         self.gate = gate
+        self.disagreement = disagreement
 
     def __call__(
         self, specialized: torch.Tensor | None, generalized: torch.Tensor | None, threshold: float
@@ -74,8 +103,16 @@ class EntropyGate:
         else:
             probs, entropy = generalized, ent_g
             use_gen = torch.ones_like(ent_g, dtype=torch.bool)
-        mask = (entropy < threshold).float() if self.gate == "entropy" else torch.ones_like(entropy)
-        return GateResult(probs.argmax(1, keepdim=True), mask, use_gen, entropy)
+        pseudo_label = probs.argmax(1, keepdim=True)
+        if self.gate == "entropy":
+            mask = (entropy < threshold).float()
+        elif self.gate == "quantile":
+            mask = classwise_quantile_mask(entropy, pseudo_label, threshold)
+        else:
+            mask = torch.ones_like(entropy)
+        if self.teachers == "both" and self.disagreement == "mask":
+            mask = mask * (specialized.argmax(1, keepdim=True) == generalized.argmax(1, keepdim=True)).float()
+        return GateResult(pseudo_label, mask, use_gen, entropy)
 
 
 class PseudoLabelLoss(nn.Module):

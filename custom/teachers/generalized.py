@@ -92,6 +92,9 @@ class TeacherOutput:
     valid: torch.Tensor
     fusion: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
+    #: the mask decoder's per-class logits before temperature, sigmoid and the painter's composition,
+    #: ``(B, C, H, W)`` (2D) / ``(B, C, *S)``; ``-inf`` for an unprompted class
+    mask_logits: torch.Tensor | None = None
 
 
 ABSTAIN_MODES = ("zero", "uniform")
@@ -160,6 +163,9 @@ class GeneralizedTeacher(nn.Module):
             component) gets a prompt only if its class's mean probability over it is at least this (0: off).
         abstain: an unprompted class's probability: ``zero`` (default) or ``uniform`` (outside the prompted
             masks it shares the background's probability equally; see the module docstring).
+
+    ``mask_temperature`` (1 here; a scalar or one value per foreground class) divides the mask decoder's
+    logits before the sigmoid: :class:`~custom.handlers.calibration.TeacherCalibration` fits it.
     """
 
     def __init__(
@@ -204,6 +210,7 @@ class GeneralizedTeacher(nn.Module):
         self.max_components = max_components
         self.prompt_min_confidence = prompt_min_confidence
         self.abstain = abstain
+        self.mask_temperature: float | torch.Tensor = 1.0
         stages = getattr(self.model.image_encoder, self.spec.feature_modules)
         bad = [i for i in self.feature_indices if not 0 <= i < len(stages)]
         if bad:
@@ -360,22 +367,39 @@ class GeneralizedTeacher(nn.Module):
             min_confidence=self.prompt_min_confidence,
         )
 
+    def tempered(self, mask_logits: torch.Tensor) -> torch.Tensor:
+        """Mask probabilities ``sigmoid(logit / mask_temperature)`` of ``(B, C, *S)`` logits."""
+        t = self.mask_temperature
+        if isinstance(t, torch.Tensor):  # one temperature per foreground class
+            t = t.to(mask_logits).view(1, -1, *[1] * (mask_logits.ndim - 2))
+        return torch.sigmoid(mask_logits / t)
+
     @torch.inference_mode()
     def decode(
         self, embedding: torch.Tensor, prompts: Prompts, size: tuple[int, int], with_fusion: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-class mask probabilities ``(B, C, H, W)`` and fusion features ``(B, C, 256, h, w)`` over the
-        image's region (:meth:`crop_to_image`); every prompt of the batch (each valid (image, class), or each
-        used (image, class, component) slot) goes through the mask decoder in one call. With several
-        components a class's mask is their elementwise maximum and its fusion features their mean."""
+        """Per-class mask probabilities ``(B, C, H, W)`` (:meth:`tempered` logits of :meth:`decode_logits`)
+        and fusion features ``(B, C, 256, h, w)``."""
+        mask_logits, fusion = self.decode_logits(embedding, prompts, size, with_fusion)
+        return self.tempered(mask_logits), fusion
+
+    @torch.inference_mode()
+    def decode_logits(
+        self, embedding: torch.Tensor, prompts: Prompts, size: tuple[int, int], with_fusion: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-class mask logits ``(B, C, H, W)`` (``-inf`` where a class has no prompt) and fusion
+        features ``(B, C, 256, h, w)`` over the image's region (:meth:`crop_to_image`); every prompt of the
+        batch (each valid (image, class), or each used (image, class, component) slot) goes through the
+        mask decoder in one call. With several components a class's mask logit is their elementwise
+        maximum (the sigmoid's order is the logits') and its fusion features their mean."""
         b, c = prompts.valid.shape
         h, w = size
-        mask_probs = embedding.new_zeros(b, c, h, w)
+        mask_logits = embedding.new_full((b, c, h, w), float("-inf"))
         fusion = embedding.new_zeros(b, c, *embedding.shape[1:]) if with_fusion else None
         index = tuple(i.to(embedding.device) for i in prompts.prompt_index())
         images, classes = index[:2]
         if images.numel() == 0:
-            return mask_probs, None if fusion is None else self.crop_to_image(fusion, size)
+            return mask_logits, None if fusion is None else self.crop_to_image(fusion, size)
         nh, nw = self._resized_size(h, w)
         scale = torch.tensor([nw / w, nh / h], device=embedding.device)
         boxes = None if prompts.boxes is None else prompts.boxes.to(embedding)[index] * scale.repeat(2)
@@ -386,36 +410,37 @@ class GeneralizedTeacher(nn.Module):
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=None)
         pe = self.model.prompt_encoder.get_dense_pe()
         low_res, image_tokens = decode_masks(self.model.mask_decoder, embedding, pe, sparse, dense, images)
-        probs = torch.sigmoid(self.postprocess(low_res, size))[:, 0]
+        logits = self.postprocess(low_res, size)[:, 0]
         tokens = None if fusion is None else image_tokens.transpose(1, 2).reshape(len(images), *embedding.shape[1:])
         if prompts.components is None:
-            mask_probs[images, classes] = probs
+            mask_logits[images, classes] = logits
             if fusion is not None:
                 fusion[images, classes] = tokens
         else:  # union of each class's component masks, mean of their fusion features
             flat = images * c + classes
             per_pixel = flat[:, None].expand(-1, h * w)
-            mask_probs.view(b * c, h * w).scatter_reduce_(0, per_pixel, probs.flatten(1), "amax")
+            mask_logits.view(b * c, h * w).scatter_reduce_(0, per_pixel, logits.flatten(1), "amax")
             if fusion is not None:
                 fusion.view(b * c, *fusion.shape[2:]).index_add_(0, flat, tokens)
                 counts = torch.bincount(flat, minlength=b * c).clamp_min(1).to(fusion)
                 fusion /= counts.view(b, c, *[1] * (fusion.ndim - 2))
         if fusion is not None:
             fusion = self.crop_to_image(fusion, size)
-        return mask_probs, fusion
+        return mask_logits, fusion
 
     # -- the whole teacher ----------------------------------------------------------------------
     def _forward_2d(self, images: torch.Tensor, prompts: Prompts, with_fusion: bool) -> TeacherOutput:
         size = tuple(images.shape[-2:])
         enc = self.encode(images)
         embedding = enc.pop("embedding")
-        mask_probs, fusion = self.decode(embedding, prompts, size, with_fusion)
+        mask_logits, fusion = self.decode_logits(embedding, prompts, size, with_fusion)
         return TeacherOutput(
             features={k: self.crop_to_image(v, size) for k, v in enc.items()},
             embedding=embedding,
-            probs=compose_class_probs(mask_probs, prompts.valid, self.abstain),
+            probs=compose_class_probs(self.tempered(mask_logits), prompts.valid, self.abstain),
             valid=prompts.valid,
             fusion=fusion,
+            mask_logits=mask_logits,
         )
 
     def forward(
@@ -480,6 +505,7 @@ class GeneralizedTeacher(nn.Module):
             probs=restack([p.probs for p in parts]),
             valid=torch.cat([p.valid for p in parts]).reshape(b, len(flat) // b, -1),
             fusion=restack([p.fusion for p in parts]) if with_fusion else None,
+            mask_logits=restack([p.mask_logits for p in parts]),
         )
 
 
@@ -504,4 +530,5 @@ def _clone_out_of_inference(out: TeacherOutput) -> TeacherOutput:
         probs=out.probs.clone(),
         valid=out.valid.clone(),
         fusion=clone(out.fusion),
+        mask_logits=clone(out.mask_logits),
     )

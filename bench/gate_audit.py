@@ -1,0 +1,231 @@
+"""The gate's leading indicator, for every variant: pseudo-label audit at the start of stage 2.
+
+    python bench/gate_audit.py --task colin27 --stage1 <folder with models/pretrain.pt>
+    python bench/gate_audit.py --quick --out /tmp/gate      # tiny embedded data: a smoke test
+
+Stage 2 starts from the stage 1 student (both distillation paths): its EMA teacher is that student.
+With the same teachers' inputs, each variant of the gate (calibration, prompts, abstention, threshold
+rule, disagreement rule; added one at a time, cumulatively) is applied to unlabelled images whose
+labels training never sees, and scored against them: the fraction kept at the threshold schedule's
+start and end, the accuracy of kept and rejected foreground voxels, each teacher's accuracy alone and
+where it supplies the label, and the share of foreground voxels where both teachers are confidently
+wrong; plus each teacher's ECE near structures. Temperatures are fitted on the validation split (never
+on the audited or test images). Writes ``bundle/docs/results/gate_audit_<task>.json`` and the
+``gate-audit-<task>`` section of ``bundle/docs/results.md``.
+
+This is a snapshot (stage 2's first step), not training: it says which variants make the gate's
+choice informative before a sweep spends hours on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.diagnostics import hidden_label_pairs, load_pairs  # noqa: E402
+from bench.report import replace_section  # noqa: E402
+from bench.sweep import commit, portable, setting_overrides  # noqa: E402
+
+CONFIGS = ROOT / "bundle" / "configs"
+TRAIN = str(CONFIGS / "train.json")
+DOCS = ROOT / "bundle" / "docs"
+
+#: (name, bundle overrides), each adding one change to the one before
+VARIANTS = [
+    ("UnCoL as it was (UA-MT threshold, one box per class, no calibration)", {}),
+    ("+ temperature calibration", {"calibration": "temperature"}),
+    ("+ one box per connected component", {"teacher_def#box_mode": "component"}),
+    ("+ prompts only from regions the EMA teacher is sure of (0.8)", {"teacher_def#prompt_min_confidence": 0.8}),
+    ("+ abstention: unprompted classes uniform", {"teacher_def#abstain": "uniform"}),
+    ("+ class-wise quantile threshold (keep 0.5 -> 0.8)", {"gate": "quantile"}),
+    ("+ disagreement masked", {"disagreement": "mask"}),
+]
+
+
+def cumulative(variants: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    out, acc = [], {}
+    for name, change in variants:
+        acc = {**acc, **change}
+        out.append((name, dict(acc)))
+    return out
+
+
+@torch.no_grad()
+def audit_variant(overrides: dict, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Build stage 2 from the configs with ``overrides``, calibrate if asked, and audit its gate at the
+    threshold schedule's first and last value."""
+    from monai.bundle import ConfigParser
+
+    from custom.handlers.calibration import TeacherCalibration, ece
+    from custom.handlers.pseudo_label_audit import audit_pseudo_labels
+    from custom.handlers.ramps import gate_schedule
+
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update(overrides)
+    parser.get_parsed_content("initialize")
+    iteration = parser.get_parsed_content("semi_supervised_iteration")
+    device = parser.get_parsed_content("device")
+    result: dict = {}
+    if parser.get_parsed_content("calibration") != "none":
+        handler = TeacherCalibration(
+            iteration,
+            parser.get_parsed_content("validate#dataset"),
+            parser.get_parsed_content("validate#inferer"),
+            per_class=parser.get_parsed_content("calibration_per_class"),
+        )
+        record = handler.fit(device)
+        iteration.specialized_temperature = record.pop("_specialized_temperature")
+        iteration.generalized.mask_temperature = record.pop("_generalized_temperature")
+        result["calibration"] = record
+    start = time.perf_counter()
+    spec, gen = [], []
+    for k in range(0, len(images), 4):
+        s, g = iteration.teacher_probs(images[k : k + 4].to(device))
+        spec.append(s.cpu())
+        gen.append(g.cpu())
+    spec, gen = torch.cat(spec), torch.cat(gen)
+    result["teacher_seconds"] = round(time.perf_counter() - start, 1)
+    truth = labels[:, 0].long() if labels.ndim == images.ndim else labels.long()
+    near = (truth > 0) | (spec.argmax(1) > 0) | (gen.argmax(1) > 0)
+    result["ece_near_structures"] = {"specialized": ece(spec, truth, near), "generalized": ece(gen, truth, near)}
+    gate, ramp = parser.get_parsed_content("gate"), parser.get_parsed_content("ramp_iters")
+    settings = ("num_classes", "threshold_ramped", "keep_start", "keep_end")
+    num_classes, ramped, keep_start, keep_end = (parser.get_parsed_content(k) for k in settings)
+    schedule = gate_schedule(gate, num_classes, ramp, ramped, keep_start, keep_end)
+    for when, t in (("start", 0), ("end", ramp)):
+        threshold = float(schedule(t))
+        gated = iteration.gate(spec, gen, threshold)
+        # "confident" for both-confidently-wrong: under the entropy the gate keeps at; for a quantile gate,
+        # the largest entropy it keeps
+        kept_entropy = float(gated.entropy[gated.mask.bool()].max()) if gated.mask.any() else 0.0
+        confident = threshold if gate == "entropy" else kept_entropy
+        scores = audit_pseudo_labels(spec, gen, gated, truth, confident)
+        scores["threshold"] = threshold
+        scores["from_generalized"] = gated.stats()["gate_from_generalized"]
+        fg = (truth > 0) | (gated.pseudo_label[:, 0] > 0)
+        scores["kept_fg"] = float((gated.mask[:, 0].bool() & fg).sum()) / max(1, int(fg.sum()))
+        result[when] = scores
+    result["max_entropy"] = math.log(spec.shape[1])
+    return result
+
+
+def stage1_provenance(folder: str) -> dict:
+    """Where the stage 1 checkpoint came from, without this machine's folders: its path from the
+    checkout's ``bundle/`` on and the commit in the sweep's ``stage1.json`` beside it (if any)."""
+    path = Path(folder).resolve()
+    parts = path.parts
+    relative = Path(*parts[len(parts) - 1 - parts[::-1].index("bundle") :]) if "bundle" in parts else Path(path.name)
+    record = path / "stage1.json"
+    commit_ = json.loads(record.read_text())["commit"] if record.is_file() else None
+    return {"path": relative.as_posix(), "commit": commit_}
+
+
+def table(payload: dict) -> str:
+    def pct(x) -> str:
+        return "n/a" if x is None else f"{100 * x:.1f}"
+
+    rows = [
+        "| variant | kept % (fg) start / end | kept fg accuracy % start / end | rejected fg accuracy % start / end | "
+        "EMA alone / LiteMedSAM alone fg accuracy % | from LiteMedSAM % of kept (end) | "
+        "both confidently wrong % of fg (end) | ECE near structures EMA / LiteMedSAM |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for v in payload["variants"]:
+        r, s, e = v["result"], v["result"]["start"], v["result"]["end"]
+        rows.append(
+            f"| {v['name']} | {pct(s['kept_fg'])} / {pct(e['kept_fg'])} | {pct(s['kept_accuracy_fg'])} / "
+            f"{pct(e['kept_accuracy_fg'])} | {pct(s['rejected_accuracy_fg'])} / {pct(e['rejected_accuracy_fg'])} | "
+            f"{pct(e['specialized_accuracy_fg'])} / {pct(e['generalized_accuracy_fg'])} | "
+            f"{pct(e['from_generalized'])} | {pct(e.get('both_confidently_wrong_fg'))} | "
+            f"{r['ece_near_structures']['specialized']:.3f} / {r['ece_near_structures']['generalized']:.3f} |"
+        )
+    temps = [v for v in payload["variants"] if "calibration" in v["result"]]
+    if temps:
+        c = temps[-1]["result"]["calibration"]
+        spec, gen = c["specialized"], c["generalized"]
+        rows += [
+            "",
+            f"Fitted on the validation split ({c['voxels']} voxels near structures; the last variant's fit): "
+            f"EMA teacher T = {spec['temperature']} (ECE {spec['ece'][0]:.3f} -> {spec['ece'][1]:.3f}), "
+            f"LiteMedSAM mask T per class = {gen['temperature']} (ECE {gen['ece'][0]:.3f} -> {gen['ece'][1]:.3f}).",
+        ]
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args_ = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args_.add_argument("--task", choices=("colin27", "macaque"), default=None, help="a real-anatomy task")
+    args_.add_argument("--quick", action="store_true", help="tiny embedded images and models (smoke test)")
+    args_.add_argument("--fraction", type=float, default=0.1)
+    args_.add_argument("--seed", type=int, default=0)
+    args_.add_argument("--stage1", default=None, help="folder holding models/pretrain.pt (stage 1, both paths)")
+    args_.add_argument("--images", type=int, default=16, help="unlabelled images audited")
+    args_.add_argument("--out", default=str(ROOT / "bundle" / "eval" / "gate_audit"))
+    args_.add_argument("--results", default=None, help="folder of the JSON (default: bundle/docs/results)")
+    args_.add_argument("--results-md", default=None)
+    args = args_.parse_args(argv)
+    from monai.bundle import ConfigParser, run
+
+    setting = "quick" if args.quick else args.task or "2d"
+    out = Path(args.out) / setting
+    results = Path(args.results) if args.results else DOCS / "results"
+    page = Path(args.results_md) if args.results_md else results.parent / "results.md"
+    dataset = out / "data"
+    if args.task:
+        from custom.data.real_brain import prepare
+
+        prepare(dataset, args.task, labelled_fraction=args.fraction, seed=args.seed)
+    overrides = {
+        "bundle_root": str(out),
+        **setting_overrides(setting, args.fraction, args.seed, dataset, out / "teacher_cache"),
+        "teachers": "both",
+    }
+    ckpt = out / "models" / "pretrain.pt"
+    if args.stage1:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(args.stage1) / "models" / "pretrain.pt", ckpt)
+    if not ckpt.is_file():
+        run("pretrain", config_file=[TRAIN, str(CONFIGS / "pretrain.json")], distillation="both", **overrides)
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update(overrides)
+    parser.get_parsed_content("embedded_data")  # the embedded generator writes its data (no-op otherwise)
+    datalist = dataset / "datalist.json"
+    images, labels = load_pairs(parser, hidden_label_pairs(datalist, args.images))
+    variants = []
+    for name, change in cumulative(VARIANTS):
+        result = audit_variant({**overrides, **change}, images, labels)
+        variants.append({"name": name, "overrides": change, "result": result})
+        print(name, json.dumps(result["end"]))
+    payload = {
+        "command": "python bench/gate_audit.py"
+        + (f" --task {args.task}" if args.task else "")
+        + (" --quick" if args.quick else ""),
+        "commit": commit(),
+        "setting": setting,
+        "stage1": stage1_provenance(args.stage1) if args.stage1 else None,
+        "images": len(images),
+        "overrides": portable(overrides),
+        "variants": variants,
+    }
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"gate_audit_{setting}.json").write_text(json.dumps(payload, indent=2))
+    text = table(payload)
+    if page.is_file():
+        replace_section(page, f"gate-audit-{setting}", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
