@@ -93,6 +93,18 @@ def curves() -> str:
             f"Plateau: every class's 3-epoch mean validation Dice within 0.02 of its final value from "
             f"iteration {epoch * per_epoch} on.",
         ]
+        peaks = {c: max(points, key=lambda p, c=c: p["dice"][c] or 0.0) for c in classes}
+        fallen = [c for c in classes if (peaks[c]["dice"][c] or 0.0) - (points[-1]["dice"][c] or 0.0) > 0.1]
+        if fallen:  # a flat end below an earlier peak is a collapse, not a learned plateau
+            lines[-1] += (
+                " Not converged to what it had learned: "
+                + ", ".join(
+                    f"{c} peaked at {peaks[c]['dice'][c]:.3f} (iteration {peaks[c]['epoch'] * per_epoch}) and ended at "
+                    f"{points[-1]['dice'][c]:.3f}"
+                    for c in fallen
+                )
+                + "."
+            )
         lines += ["", f"![{task} learning curve](results/real/{png.name})", ""]
     return "\n".join(lines)
 
