@@ -86,3 +86,27 @@ def test_each_loss_term_is_reported_in_the_engine_output(pretrained):
     for term in ("loss_sup", "loss_visual", "loss_semantic"):
         assert isinstance(out[term], float) and 0 <= out[term] < 10
     assert out["loss"] == pytest.approx(out["loss_sup"] + out["loss_visual"] + out["loss_semantic"], rel=1e-4)
+
+
+def test_per_view_targets_are_the_teachers_on_the_augmented_image(tmp_path):
+    """``distillation_targets=per_view``: no cached targets; the iteration asks the teacher on the very
+    (flipped) batch the student sees. Cached targets are flipped with the image instead, which is exact
+    only for a flip-equivariant teacher (LiteMedSAM is not: bench/target_equivariance.py)."""
+    from custom.teachers.targets import distillation_targets
+
+    cached = _parser(tmp_path, distillation="both")
+    per_view = _parser(tmp_path, distillation="both", distillation_targets="per_view")
+    assert cached.get_parsed_content("distillation_iteration").teacher is None
+    assert cached.get_parsed_content("teacher_targets") is not None
+    iteration = per_view.get_parsed_content("distillation_iteration")
+    assert iteration.teacher is not None and per_view.get_parsed_content("teacher_targets") is None
+    per_view.get_parsed_content("embedded_data")  # writes the tiny phantoms
+    item = per_view.get_parsed_content("train#dataset")[0]
+    assert not [k for k in item if str(k).startswith("teacher_")]
+    image, label = item["image"].as_tensor()[None].flip(2), item["label"].as_tensor()[None].flip(2)
+    grid = [n // 16 for n in image.shape[2:]]
+    got = iteration._targets({}, image, label, grid)
+    expected = distillation_targets(iteration.teacher(image, labels=label), grid)
+    assert set(got) == set(expected)
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
