@@ -106,10 +106,16 @@ SETTINGS["quick3d"] = {
 }
 
 
+#: what a result depends on: "-dirty" after the commit means one of these differed from it (result
+#: files and prose written meanwhile do not count)
+CODE_PATHS = ("custom", "bench", "bundle/configs", "scripts")
+
+
 def commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True)
+        status = ["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS]
+        dirty = subprocess.run(status, cwd=ROOT, capture_output=True)
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except OSError:
         return "unknown"
