@@ -2,6 +2,7 @@
 epoch, to choose a sweep budget at which supervised training with 100 % labels has plateaued.
 
     python bench/learning_curve.py --task colin27 [--epochs 40] [--seed 0]
+    python bench/learning_curve.py --task embedded2d     # the bundle's own 2D phantoms
 
 Prepares the task with every training slice labelled (``custom.data.real_brain``), trains the student
 with the supervised loss only (stage 1 without distillation, as the sweep's supervised runs start),
@@ -52,7 +53,7 @@ class ClassDiceCurve:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="colin27", choices=("colin27", "macaque"))
+    parser.add_argument("--task", default="colin27", choices=("colin27", "macaque", "embedded2d"))
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=ROOT / "bundle" / "eval" / "learning_curve")
@@ -66,7 +67,12 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work / args.task / f"seed{args.seed}"
     if (work / "models").exists():
         raise SystemExit(f"error: {work / 'models'} exists; remove it to measure the curve again")
-    datalist = prepare(args.work / args.task / "data", args.task, labelled_fraction=1.0)
+    if args.task == "embedded2d":  # the bundle's own 2D phantoms, every training case labelled
+        from custom.data.phantoms import ensure_dataset
+
+        datalist = Path(ensure_dataset(args.work / args.task / "data", spatial_dims=2, labelled_fraction=1.0))
+    else:
+        datalist = prepare(args.work / args.task / "data", args.task, labelled_fraction=1.0)
     names = ConfigParser.load_config_file(datalist)["labels"]
     class_names = [names[str(v)] for v in range(1, len(names))]
     handlers = ConfigParser.load_config_file(str(CONFIGS / "train.json"))["validate"]["handlers"]
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         "val_interval": 1,
         "validate#key_metric#val_mean_dice#save_details": True,
         "validate#handlers": [*handlers, curve],
-        **SETTINGS[args.task]["bundle"],
+        **SETTINGS.get(args.task, SETTINGS["2d"])["bundle"],
     }
     start = time.perf_counter()
     run("pretrain", config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "pretrain.json")], **overrides)
@@ -93,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         "training": "supervised only (stage 1 without distillation), every training slice labelled",
         "iterations_per_epoch": ConfigParser.load_config_file(str(CONFIGS / "train.json"))["iterations_per_epoch"],
         "batch_size": ConfigParser.load_config_file(str(CONFIGS / "train.json"))["pretrain_batch_size"],
-        "bundle_overrides": SETTINGS[args.task]["bundle"],
+        "bundle_overrides": SETTINGS.get(args.task, SETTINGS["2d"])["bundle"],
         "seconds": round(time.perf_counter() - start, 1),
         "validation": [{**p, "seconds": round(p["seconds"], 1)} for p in curve.points],
     }
