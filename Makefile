@@ -58,7 +58,7 @@ bundle: install
 	$(PY) scripts/make_bundle.py --out dist
 
 test: install label-install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -51,13 +51,34 @@ METHODS = {
     "distilled_supervised": {"stage1": "both", "stage2": {"teachers": "specialized", "max_unsup_weight": 0.0}},
     "uncol_generalized": {"stage1": "both", "stage2": {"teachers": "generalized"}},
     "uncol": {"stage1": "both", "stage2": {"teachers": "both"}},
+    # the gate's improvements (issue 15), one at a time on top of UnCoL: the ablation rows
+    "uncol_calibrated": {"stage1": "both", "stage2": {"teachers": "both", "calibration": "temperature"}},
+    "uncol_quantile": {
+        "stage1": "both",
+        "stage2": {"teachers": "both", "calibration": "temperature", "gate": "quantile"},
+    },
+    "uncol_prompts": {
+        "stage1": "both",
+        "stage2": {
+            "teachers": "both",
+            "calibration": "temperature",
+            "gate": "quantile",
+            "teacher_def#box_mode": "component",
+            "teacher_def#abstain": "uniform",
+        },
+    },
 }
+#: the methods a sweep runs unless --methods says otherwise (the ablation rows are asked for by name)
+DEFAULT_METHODS = ["supervised", "mean_teacher", "distilled_supervised", "uncol_generalized", "uncol"]
 LABELS = {
     "supervised": "supervised only",
     "mean_teacher": "Mean Teacher",
     "distilled_supervised": "stage 1 distillation + supervised stage 2",
     "uncol_generalized": "UnCoL, generalized teacher only",
     "uncol": "UnCoL (both teachers)",
+    "uncol_calibrated": "UnCoL + temperature calibration",
+    "uncol_quantile": "UnCoL + calibration + class-wise quantile gate",
+    "uncol_prompts": "UnCoL + calibration + quantile gate + component boxes, abstention",
 }
 
 #: size and budget per setting: configs layered on train.json, dataset generator overrides, bundle
@@ -382,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", choices=("colin27", "macaque"), default=None, help="a real-anatomy task")
     parser.add_argument("--quick", action="store_true", help="one seed, tiny images and models (harness smoke test)")
     parser.add_argument("--fractions", type=float, nargs="+", default=None)
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--out", default=str(ROOT / "bundle" / "eval" / "sweep"), help="training work folder")
     parser.add_argument("--results", default=None, help="run JSONs and plots (default: bundle/docs/results)")
