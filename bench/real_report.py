@@ -5,8 +5,9 @@
 Reads ``bundle/docs/results/real/zero_shot_<task>.json`` (``bench/teacher_zero_shot.py --datalist``)
 and ``learning_curve_<task>.json`` (``bench/learning_curve.py``), writes the zero-shot table, the
 learning-curve table and one learning-curve plot per task, and replaces the ``real-zero-shot`` and
-``real-curves`` sections of ``bundle/docs/results.md``. The label-ratio rows come from
-``bench/sweep.py --task <task>`` (section ``sweep-<task>``).
+``real-curves`` sections of ``bundle/docs/results.md``, and ``embedded-curve`` from
+``learning_curve_embedded2d.json`` (``bench/learning_curve.py --task embedded2d``, the phantoms).
+The label-ratio rows come from ``bench/sweep.py --task <task>`` (section ``sweep-<task>``).
 """
 
 from __future__ import annotations
@@ -54,14 +55,14 @@ def plateau_epoch(points: list[dict], tolerance: float = 0.02, window: int = 3) 
     return points[-1]["epoch"]
 
 
-def curves() -> str:
+def curves(tasks: tuple[str, ...] = TASKS) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lines = []
-    for task in TASKS:
+    for task in tasks:
         path = RESULTS / f"learning_curve_{task}.json"
         if not path.is_file():
             continue
@@ -112,6 +113,7 @@ def curves() -> str:
 def main() -> None:
     replace_section(PAGE, "real-zero-shot", zero_shot_table())
     replace_section(PAGE, "real-curves", curves())
+    replace_section(PAGE, "embedded-curve", curves(("embedded2d",)))
     print(zero_shot_table())
     print(curves())
 
