@@ -61,4 +61,7 @@ def test_audit_handler_records_without_touching_training_counters(tmp_path, lite
     assert [r["iteration"] for r in audit.records] == [2, 4, 5]  # every 2 iterations and at the end
     assert len((tmp_path / "audit.jsonl").read_text().splitlines()) == 3
     assert iteration.generalized_calls == 0 and iteration.generalized_reused == 0
-    assert 0.0 <= audit.records[-1]["kept"] <= 1.0 and "both_confidently_wrong" in audit.records[-1]
+    spec, gen = iteration.teacher_probs(images)  # the audit's figures are the gate's on these images
+    gated = iteration.gate(spec, gen, 0.9)
+    assert audit.records[-1]["kept"] == pytest.approx(float(gated.mask.mean()))
+    assert 0.0 < audit.records[-1]["kept"] < 1.0 and "both_confidently_wrong" in audit.records[-1]
