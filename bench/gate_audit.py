@@ -5,7 +5,7 @@
 
 Stage 2 starts from the stage 1 student (both distillation paths): its EMA teacher is that student.
 With the same teachers' inputs, each variant of the gate (calibration, prompts, abstention, threshold
-rule, disagreement rule; added one at a time, cumulatively) is applied to unlabelled images whose
+rule, disagreement rule: each alone, then combined) is applied to unlabelled images whose
 labels training never sees, and scored against them: the fraction kept at the threshold schedule's
 start and end, the accuracy of kept and rejected foreground voxels, each teacher's accuracy alone and
 where it supplies the label, and the share of foreground voxels where both teachers are confidently
@@ -40,24 +40,31 @@ CONFIGS = ROOT / "bundle" / "configs"
 TRAIN = str(CONFIGS / "train.json")
 DOCS = ROOT / "bundle" / "docs"
 
-#: (name, bundle overrides), each adding one change to the one before
+#: (name, bundle overrides on top of UnCoL as it was): each change alone, then the combinations that
+#: the single changes suggest (a chain would hide interactions: calibrated probabilities are flat, so a
+#: prompt-confidence filter after calibration removes every prompt)
 VARIANTS = [
     ("UnCoL as it was (UA-MT threshold, one box per class, no calibration)", {}),
-    ("+ temperature calibration", {"calibration": "temperature"}),
-    ("+ one box per connected component", {"teacher_def#box_mode": "component"}),
-    ("+ prompts only from regions the EMA teacher is sure of (0.8)", {"teacher_def#prompt_min_confidence": 0.8}),
-    ("+ abstention: unprompted classes uniform", {"teacher_def#abstain": "uniform"}),
-    ("+ class-wise quantile threshold (keep 0.5 -> 0.8)", {"gate": "quantile"}),
-    ("+ disagreement masked", {"disagreement": "mask"}),
+    ("temperature calibration", {"calibration": "temperature"}),
+    ("one box per connected component", {"teacher_def#box_mode": "component"}),
+    ("prompts only from regions the EMA teacher is sure of (0.8)", {"teacher_def#prompt_min_confidence": 0.8}),
+    ("abstention: unprompted classes uniform", {"teacher_def#abstain": "uniform"}),
+    ("class-wise quantile threshold (keep 0.5 -> 0.8)", {"gate": "quantile"}),
+    ("disagreement masked", {"disagreement": "mask"}),
+    (
+        "component boxes + abstention + quantile",
+        {"teacher_def#box_mode": "component", "teacher_def#abstain": "uniform", "gate": "quantile"},
+    ),
+    (
+        "calibration + component boxes + abstention + quantile",
+        {
+            "calibration": "temperature",
+            "teacher_def#box_mode": "component",
+            "teacher_def#abstain": "uniform",
+            "gate": "quantile",
+        },
+    ),
 ]
-
-
-def cumulative(variants: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
-    out, acc = [], {}
-    for name, change in variants:
-        acc = {**acc, **change}
-        out.append((name, dict(acc)))
-    return out
 
 
 @torch.no_grad()
@@ -152,13 +159,22 @@ def table(payload: dict) -> str:
         )
     temps = [v for v in payload["variants"] if "calibration" in v["result"]]
     if temps:
+        from custom.handlers.calibration import LIMIT
+
+        def shown(t: float | list[float]) -> str:
+            """Temperatures, marking those at the search's bounds (the fit wanted further)."""
+            values = t if isinstance(t, list) else [t]
+            marks = [f"{v:g}" + (" (bound)" if v >= 0.999 * LIMIT or v <= 1.001 / LIMIT else "") for v in values]
+            return marks[0] if not isinstance(t, list) else "[" + ", ".join(marks) + "]"
+
         c = temps[-1]["result"]["calibration"]
         spec, gen = c["specialized"], c["generalized"]
         rows += [
             "",
             f"Fitted on the validation split ({c['voxels']} voxels near structures; the last variant's fit): "
-            f"EMA teacher T = {spec['temperature']} (ECE {spec['ece'][0]:.3f} -> {spec['ece'][1]:.3f}), "
-            f"LiteMedSAM mask T per class = {gen['temperature']} (ECE {gen['ece'][0]:.3f} -> {gen['ece'][1]:.3f}).",
+            f"EMA teacher T = {shown(spec['temperature'])} (ECE {spec['ece'][0]:.3f} -> {spec['ece'][1]:.3f}), "
+            f"LiteMedSAM mask T per class = {shown(gen['temperature'])} "
+            f"(ECE {gen['ece'][0]:.3f} -> {gen['ece'][1]:.3f}).",
         ]
     return "\n".join(rows)
 
@@ -204,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     datalist = dataset / "datalist.json"
     images, labels = load_pairs(parser, hidden_label_pairs(datalist, args.images))
     variants = []
-    for name, change in cumulative(VARIANTS):
+    for name, change in VARIANTS:
         result = audit_variant({**overrides, **change}, images, labels)
         variants.append({"name": name, "overrides": change, "result": result})
         print(name, json.dumps(result["end"]))
