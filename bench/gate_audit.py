@@ -2,6 +2,7 @@
 
     python bench/gate_audit.py --task colin27 --stage1 <folder with models/pretrain.pt>
     python bench/gate_audit.py --quick --out /tmp/gate      # tiny embedded data: a smoke test
+    python bench/gate_audit.py --task colin27 --report-only  # rebuild the results.md table from the JSON
 
 Stage 2 starts from the stage 1 student (both distillation paths): its EMA teacher is that student.
 With the same teachers' inputs, each variant of the gate (calibration, prompts, abstention, threshold
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     args_.add_argument("--out", default=str(ROOT / "bundle" / "eval" / "gate_audit"))
     args_.add_argument("--results", default=None, help="folder of the JSON (default: bundle/docs/results)")
     args_.add_argument("--results-md", default=None)
+    args_.add_argument("--report-only", action="store_true", help="rebuild the results.md section from the JSON")
     args = args_.parse_args(argv)
     from monai.bundle import ConfigParser, run
 
@@ -197,6 +199,11 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) / setting
     results = Path(args.results) if args.results else DOCS / "results"
     page = Path(args.results_md) if args.results_md else results.parent / "results.md"
+    if args.report_only:
+        payload = json.loads((results / f"gate_audit_{setting}.json").read_text())
+        replace_section(page, f"gate-audit-{setting}", table(payload))
+        print(table(payload))
+        return
     dataset = out / "data"
     if args.task:
         from custom.data.real_brain import prepare

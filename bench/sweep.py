@@ -51,22 +51,15 @@ METHODS = {
     "distilled_supervised": {"stage1": "both", "stage2": {"teachers": "specialized", "max_unsup_weight": 0.0}},
     "uncol_generalized": {"stage1": "both", "stage2": {"teachers": "generalized"}},
     "uncol": {"stage1": "both", "stage2": {"teachers": "both"}},
-    # the gate's improvements (issue 15), one at a time on top of UnCoL: the ablation rows
+    # the gate's improvements (issue 15) on top of UnCoL, chosen by bench/gate_audit.py (results.md): the
+    # class-wise quantile gate, and with it voxels where the teachers disagree left out; calibration
+    # alone, which the audit found harmful, for the record
+    "uncol_quantile": {"stage1": "both", "stage2": {"teachers": "both", "gate": "quantile"}},
+    "uncol_quantile_agree": {
+        "stage1": "both",
+        "stage2": {"teachers": "both", "gate": "quantile", "disagreement": "mask"},
+    },
     "uncol_calibrated": {"stage1": "both", "stage2": {"teachers": "both", "calibration": "temperature"}},
-    "uncol_quantile": {
-        "stage1": "both",
-        "stage2": {"teachers": "both", "calibration": "temperature", "gate": "quantile"},
-    },
-    "uncol_prompts": {
-        "stage1": "both",
-        "stage2": {
-            "teachers": "both",
-            "calibration": "temperature",
-            "gate": "quantile",
-            "teacher_def#box_mode": "component",
-            "teacher_def#abstain": "uniform",
-        },
-    },
 }
 #: the methods a sweep runs unless --methods says otherwise (the ablation rows are asked for by name)
 DEFAULT_METHODS = ["supervised", "mean_teacher", "distilled_supervised", "uncol_generalized", "uncol"]
@@ -76,9 +69,9 @@ LABELS = {
     "distilled_supervised": "stage 1 distillation + supervised stage 2",
     "uncol_generalized": "UnCoL, generalized teacher only",
     "uncol": "UnCoL (both teachers)",
+    "uncol_quantile": "UnCoL + class-wise quantile gate",
+    "uncol_quantile_agree": "UnCoL + quantile gate + disagreement masked",
     "uncol_calibrated": "UnCoL + temperature calibration",
-    "uncol_quantile": "UnCoL + calibration + class-wise quantile gate",
-    "uncol_prompts": "UnCoL + calibration + quantile gate + component boxes, abstention",
 }
 
 #: size and budget per setting: configs layered on train.json, dataset generator overrides, bundle
