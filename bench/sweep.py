@@ -309,14 +309,16 @@ def table(summary: dict) -> str:
     order = list(METHODS)
     for fraction, method in sorted(summary, key=lambda k: (k[0], order.index(k[1]))):
         s = summary[(fraction, method)]
-        cells = [f"{s['test_dice'][c][0]:.3f} ± {s['test_dice'][c][1]:.3f}" for c in classes]
         runs = max(n for _, _, n in s["test_dice"].values())
+        spread = (lambda std: f" ± {std:.3f}") if runs > 1 else (lambda std: "")  # one seed has no spread
+        cells = [f"{s['test_dice'][c][0]:.3f}{spread(s['test_dice'][c][1])}" for c in classes]
         for c in classes:
             mean, std, n = s["test_hd95"][c]
             if n == 0:  # HD95 needs a predicted structure: no run predicted this class at all
                 cells.append(f"n/a (0 of {runs} runs predict it)")
             else:
-                cells.append(f"{mean:.1f} ± {std:.1f}" + (f" ({n} of {runs} runs)" if n < runs else ""))
+                counted = f" ({n} of {runs} runs)" if n < runs else ""
+                cells.append(f"{mean:.1f}" + (f" ± {std:.1f}" if runs > 1 else "") + counted)
         lines.append(f"| {fraction:.0%} | {LABELS[method]} | " + " | ".join(cells) + f" | {runs} |")
     return "\n".join(lines)
 
