@@ -52,6 +52,7 @@ VARIANTS = [
     ("abstention: unprompted classes uniform", {"teacher_def#abstain": "uniform"}),
     ("class-wise quantile threshold (keep 0.5 -> 0.8)", {"gate": "quantile"}),
     ("disagreement masked", {"disagreement": "mask"}),
+    ("quantile + disagreement masked", {"gate": "quantile", "disagreement": "mask"}),
     (
         "component boxes + abstention + quantile",
         {"teacher_def#box_mode": "component", "teacher_def#abstain": "uniform", "gate": "quantile"},

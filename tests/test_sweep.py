@@ -97,3 +97,5 @@ def test_table_counts_runs_without_a_finite_hd95_and_says_n_a_when_none_has_one(
     )
     rows = table(summarise([run(0, nan), run(1, nan)])).splitlines()
     assert rows[2].endswith("| n/a (0 of 2 runs predict it) | 2 |") and "nan" not in rows[2]
+    one = table(summarise([run(0, 4.0)])).splitlines()[2]  # one seed: no spread to show
+    assert one == "| 10% | UnCoL (both teachers) | 0.800 | 0.300 | 5.0 | 4.0 | 1 |"
