@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> None:
     diffs = {k: float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a}
     worst = max(diffs, key=diffs.get)
     record = {
-        "command": "python bench/compare_checkpoints.py A B",
+        "command": "python bench/compare_checkpoints.py "
+        + " ".join(
+            f"{stage1_provenance(str(Path(x).parent.parent))['path']}/models/{Path(x).name}" for x in (args.a, args.b)
+        ),
         "a": stage1_provenance(str(Path(args.a).parent.parent)),
         "b": stage1_provenance(str(Path(args.b).parent.parent)),
         "tensors": len(diffs),
