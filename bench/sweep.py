@@ -159,7 +159,9 @@ def warm_teacher_cache(setting: str, overrides: dict) -> None:
     parser.get_parsed_content("embedded_data")
     teacher = parser.get_parsed_content("teacher_def")
     for item in parser.get_parsed_content("train#unlabelled_dataset"):
-        teacher(item["image"].as_tensor()[None], with_fusion=False)  # no prompts: encoder only, 2D or slice-wise
+        teacher(
+            item["image"].as_tensor()[None], with_fusion=False, with_features=False
+        )  # no prompts: encoder only, 2D or slice-wise
 
 
 def setting_overrides(setting: str, fraction: float, seed: int, dataset: Path, teacher_cache: Path) -> dict:

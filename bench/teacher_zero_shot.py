@@ -73,7 +73,7 @@ def main() -> None:
     for item in items:
         image = torch.from_numpy(np.asanyarray(nib.load(item["image"]).dataobj).astype(np.float32))[None, None]
         label = torch.from_numpy(np.asanyarray(nib.load(item["label"]).dataobj).astype(np.int64))[None, None]
-        pred = teacher(image, labels=label, with_fusion=False).probs.argmax(1)[0]
+        pred = teacher(image, labels=label, with_fusion=False, with_features=False).probs.argmax(1)[0]
         for c, name in enumerate(class_names, start=1):
             truth = label[0, 0] == c
             if truth.any():  # Dice is undefined where the class is absent (and then the teacher abstains)

@@ -59,7 +59,7 @@ def rank_cases(
         image = torch.as_tensor(item["image"])[None].float().to(device)
         spec = torch.softmax(specialized(image).float(), 1)
         prompts = generalized.make_prompts(spec)  # its softmax: the regions are its argmax
-        gen = generalized(image, prompts=prompts, with_fusion=False).probs.to(spec)
+        gen = generalized(image, prompts=prompts, with_fusion=False, with_features=False).probs.to(spec)
         name = str(getattr(item["image"], "meta", {}).get("filename_or_obj", len(ranking)))
         ranking.append({"image": name, **uncertainty_score(spec[0].cpu(), gen[0].cpu())})
     ranking.sort(key=lambda r: r["score"], reverse=True)

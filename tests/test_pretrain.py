@@ -61,7 +61,7 @@ def pretrained(tmp_path_factory):
 def test_stage1_run_writes_the_checkpoint_stage2_loads(pretrained):
     ckpt = pretrained.root / "models" / "pretrain.pt"
     assert ckpt.is_file()
-    assert len(list((pretrained.root / "cache").rglob("*.pt"))) == 2  # the 2 labelled images, encoded once
+    assert len(list((pretrained.root / "cache").rglob("*.pt"))) == 2  # stage 1 targets of the 2 labelled images, once
 
 
 def test_exported_network_is_the_student_alone(pretrained):

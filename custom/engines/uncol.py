@@ -257,7 +257,7 @@ class SemiSupervisedIteration:
         step = self.generalized.slice_batch  # bounds the decoder's memory when a batch is many slices
         for chunk in (todo[k : k + step] for k in range(0, len(todo), step)):
             index = torch.tensor(chunk)
-            fresh = self.generalized(weak[index], prompts=prompts[index], with_fusion=False).probs
+            fresh = self.generalized(weak[index], prompts=prompts[index], with_fusion=False, with_features=False).probs
             for j, i in enumerate(chunk):
                 probs[i] = fresh[j]
                 if keys[i] is not None:

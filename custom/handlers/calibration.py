@@ -170,11 +170,13 @@ class TeacherCalibration:
                 image = image.to(device)
                 if image.ndim == 5:  # slice by slice, as the teacher sees volumes
                     slices, spec_slices = teacher.to_slices(image), teacher.to_slices(spec)
-                    out = teacher(slices, prompts=teacher.make_prompts(spec_slices), with_fusion=False)
+                    out = teacher(
+                        slices, prompts=teacher.make_prompts(spec_slices), with_fusion=False, with_features=False
+                    )
                     mask = teacher.from_slices(out.mask_logits, 1)
                     valid = out.valid
                 else:
-                    out = teacher(image, prompts=teacher.make_prompts(spec), with_fusion=False)
+                    out = teacher(image, prompts=teacher.make_prompts(spec), with_fusion=False, with_features=False)
                     mask, valid = out.mask_logits, out.valid
                 masks.append(mask.cpu())
                 valids.append(valid.cpu())

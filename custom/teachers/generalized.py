@@ -153,7 +153,7 @@ class GeneralizedTeacher(nn.Module):
         box_jitter: fraction of the box size each edge may move when boxes come from labels.
         slice_axis: for 3D input ``(B, 1, X, Y, Z)``, the spatial axis (0, 1, 2) to slice along.
         slice_batch: images (2D images or slices of volumes) per encoder call and, in 3D, per teacher pass.
-        cache_dir: folder of the encoder-output cache; ``None`` disables caching.
+        cache_dir: folder of the encoder-output cache (image embeddings); ``None`` disables caching.
         seed: seed of the prompt jitter / point sampling generator.
         box_mode: ``class`` (one prompt per class, default) or ``component`` (one per 2D connected
             component of each class; see :mod:`custom.teachers.prompts`).
@@ -163,6 +163,8 @@ class GeneralizedTeacher(nn.Module):
             component) gets a prompt only if its class's mean probability over it is at least this (0: off).
         abstain: an unprompted class's probability: ``zero`` (default) or ``uniform`` (outside the prompted
             masks it shares the background's probability equally; see the module docstring).
+        cache_budget_gb: most gigabytes ``cache_dir`` may hold (least recently used entries go first;
+            see :mod:`custom.teachers.cache`); ``None``: no limit.
 
     ``mask_temperature`` (1 here; a scalar or one value per foreground class) divides the mask decoder's
     logits before the sigmoid: :class:`~custom.handlers.calibration.TeacherCalibration` fits it.
@@ -185,6 +187,7 @@ class GeneralizedTeacher(nn.Module):
         max_components: int = 4,
         prompt_min_confidence: float = 0.0,
         abstain: str = "zero",
+        cache_budget_gb: float | None = None,
     ) -> None:
         super().__init__()
         if prompt_type not in ("box", "point", "box+point"):
@@ -217,17 +220,22 @@ class GeneralizedTeacher(nn.Module):
             raise ValueError(f"feature_indices {bad} out of range for {model_name} ({len(stages)} stages/blocks)")
         self.cache: EncoderCache | None = None
         if cache_dir is not None:
-            namespace = fingerprint(
-                model=model_name,
-                checkpoint_sha256=file_sha256(self.checkpoint),
-                image_size=self.spec.image_size,
-                normalization=self.spec.normalization,
-                feature_indices=self.feature_indices,
-            )
-            self.cache = EncoderCache(cache_dir, namespace)
+            self.cache = EncoderCache(cache_dir, fingerprint(**self.encoder_identity), budget_gb=cache_budget_gb)
         self._captured: dict[str, torch.Tensor] = {}
         for i in self.feature_indices:
             stages[i].register_forward_hook(self._capture(f"enc{i}"))
+
+    @property
+    def encoder_identity(self) -> dict:
+        """What the encoder's output depends on (the cache's namespace is its fingerprint)."""
+        if not hasattr(self, "_encoder_identity"):
+            self._encoder_identity = {
+                "model": self.spec.name,
+                "checkpoint_sha256": file_sha256(self.checkpoint),
+                "image_size": self.spec.image_size,
+                "normalization": self.spec.normalization,
+            }
+        return self._encoder_identity
 
     # -- frozen for good ------------------------------------------------------------------------
     def train(self, mode: bool = True) -> GeneralizedTeacher:
@@ -312,14 +320,14 @@ class GeneralizedTeacher(nn.Module):
         return F.interpolate(x, size, mode="bilinear", align_corners=False)
 
     # -- encoder (cached) -----------------------------------------------------------------------
-    def _encode_uncached(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    def _encode_uncached(self, images: torch.Tensor, features: bool = True) -> list[dict[str, torch.Tensor]]:
         """Encoder outputs per image, at most ``slice_batch`` images per encoder call (its activations
         are the teacher's memory peak)."""
         entries = []
         for start in range(0, len(images), self.slice_batch):
             self._captured.clear()
             embedding = self.model.image_encoder(self.preprocess(images[start : start + self.slice_batch]))
-            feats = {name: self._as_map(self._captured[name]) for name in self.feature_names}
+            feats = {name: self._as_map(self._captured[name]) for name in self.feature_names} if features else {}
             for j in range(len(embedding)):
                 entries.append({"embedding": embedding[j], **{k: v[j] for k, v in feats.items()}})
         return entries
@@ -336,17 +344,24 @@ class GeneralizedTeacher(nn.Module):
         return x.transpose(1, 2).reshape(n, c, side, side)
 
     @torch.inference_mode()
-    def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Image embedding and intermediate features of ``(N, 1, H, W)`` images, from the cache if possible."""
-        entries: list[dict[str, torch.Tensor] | None] = [None] * len(images)
-        keys = [image_key(img) for img in images] if self.cache is not None else []
-        if self.cache is not None:
+    def encode(self, images: torch.Tensor, features: bool = True) -> dict[str, torch.Tensor]:
+        """Image embedding (and, with ``features``, the intermediate encoder features) of ``(N, 1, H, W)``
+        images. The cache holds embeddings only (all the mask decoder reads): a call without features
+        is served from it and fills it; one with features (stage 1's targets, which have their own cache)
+        runs the encoder and rounds the embedding as the cache would, so that both calls agree."""
+        if self.cache is None or features:
+            entries = self._encode_uncached(images, features)
+            if self.cache is not None:
+                for entry in entries:
+                    entry["embedding"] = entry["embedding"].to(self.cache.storage_dtype).float()
+        else:
+            keys = [image_key(img) for img in images]
             entries = [self.cache.get(k) for k in keys]
-        todo = [j for j, e in enumerate(entries) if e is None]
-        if todo:
-            fresh = self._encode_uncached(images[todo])
-            for j, entry in zip(todo, fresh, strict=True):
-                entries[j] = self.cache.put(keys[j], entry) if self.cache is not None else entry
+            todo = [j for j, e in enumerate(entries) if e is None]
+            if todo:
+                fresh = self._encode_uncached(images[todo], features=False)
+                for j, entry in zip(todo, fresh, strict=True):
+                    entries[j] = self.cache.put(keys[j], entry)
         device = images.device
         return {k: torch.stack([e[k] for e in entries]).to(device) for k in entries[0]}
 
@@ -366,6 +381,20 @@ class GeneralizedTeacher(nn.Module):
             max_components=self.max_components,
             min_confidence=self.prompt_min_confidence,
         )
+
+    @property
+    def prompt_identity(self) -> dict | None:
+        """What prompts made from a label depend on, or ``None`` where they are random (box jitter, points)."""
+        if self.box_jitter > 0 or "point" in self.prompt_type:
+            return None
+        return {
+            "num_classes": self.num_classes,
+            "prompt_type": self.prompt_type,
+            "box_mode": self.box_mode,
+            "min_component_size": self.min_component_size,
+            "max_components": self.max_components,
+            "min_confidence": self.prompt_min_confidence,
+        }
 
     def tempered(self, mask_logits: torch.Tensor) -> torch.Tensor:
         """Mask probabilities ``sigmoid(logit / mask_temperature)`` of ``(B, C, *S)`` logits."""
@@ -429,9 +458,11 @@ class GeneralizedTeacher(nn.Module):
         return mask_logits, fusion
 
     # -- the whole teacher ----------------------------------------------------------------------
-    def _forward_2d(self, images: torch.Tensor, prompts: Prompts, with_fusion: bool) -> TeacherOutput:
+    def _forward_2d(
+        self, images: torch.Tensor, prompts: Prompts, with_fusion: bool, with_features: bool = True
+    ) -> TeacherOutput:
         size = tuple(images.shape[-2:])
-        enc = self.encode(images)
+        enc = self.encode(images, features=with_features)
         embedding = enc.pop("embedding")
         mask_logits, fusion = self.decode_logits(embedding, prompts, size, with_fusion)
         return TeacherOutput(
@@ -449,22 +480,25 @@ class GeneralizedTeacher(nn.Module):
         labels: torch.Tensor | None = None,
         prompts: Prompts | None = None,
         with_fusion: bool = True,
+        with_features: bool = True,
     ) -> TeacherOutput:
         """Run the teacher on ``(B, 1, H, W)`` images or ``(B, 1, X, Y, Z)`` volumes.
 
         Prompts come from ``prompts`` (2D only) or are made from ``labels`` (class indices, one-hot maps or
         class probabilities, same spatial shape as ``images``); with neither, the teacher abstains everywhere.
+        ``with_fusion`` / ``with_features``: compute the fusion features / the intermediate encoder
+        features (stage 1's targets); without features the encoder cache can serve the call.
         """
         no_cpu_autocast = torch.autocast("cpu", enabled=False) if images.device.type == "cpu" else nullcontext()
         with no_cpu_autocast, torch.inference_mode():
             if images.ndim == 4:
                 if prompts is None:
                     prompts = self._prompts_or_abstain(labels, images)
-                out = self._forward_2d(images, prompts, with_fusion)
+                out = self._forward_2d(images, prompts, with_fusion, with_features)
             elif images.ndim == 5:
                 if prompts is not None:
                     raise ValueError("3D input takes labels, from which per-slice prompts are made")
-                out = self._forward_3d(images, labels, with_fusion)
+                out = self._forward_3d(images, labels, with_fusion, with_features)
             else:
                 raise ValueError(f"expected (B, 1, H, W) or (B, 1, X, Y, Z) input, got {tuple(images.shape)}")
         return _clone_out_of_inference(out)
@@ -485,7 +519,9 @@ class GeneralizedTeacher(nn.Module):
         x = x.reshape(batch, -1, *x.shape[1:])
         return x.movedim(1, x.ndim - 3 + self.slice_axis)
 
-    def _forward_3d(self, volumes: torch.Tensor, labels: torch.Tensor | None, with_fusion: bool) -> TeacherOutput:
+    def _forward_3d(
+        self, volumes: torch.Tensor, labels: torch.Tensor | None, with_fusion: bool, with_features: bool = True
+    ) -> TeacherOutput:
         """Slice-wise along ``slice_axis``: slices are batched through the 2D path and restacked."""
         b = volumes.shape[0]
         flat = self.to_slices(volumes)
@@ -494,7 +530,8 @@ class GeneralizedTeacher(nn.Module):
         for start in range(0, len(flat), self.slice_batch):
             chunk = flat[start : start + self.slice_batch]
             chunk_labels = None if flat_labels is None else flat_labels[start : start + self.slice_batch]
-            parts.append(self._forward_2d(chunk, self._prompts_or_abstain(chunk_labels, chunk), with_fusion))
+            prompts = self._prompts_or_abstain(chunk_labels, chunk)
+            parts.append(self._forward_2d(chunk, prompts, with_fusion, with_features))
 
         def restack(tensors: list[torch.Tensor]) -> torch.Tensor:
             return self.from_slices(torch.cat(tensors), b)

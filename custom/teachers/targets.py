@@ -1,10 +1,11 @@
 """The generalized teacher's distillation targets as a MONAI transform, so MONAI caches them.
 
 Placed after the deterministic preprocessing and before the random augmentation, the targets are
-computed once per un-augmented image (CacheDataset keeps them in memory for the run; the teacher's
-encoder cache keeps the encoder outputs on disk across runs), and spatial augmentations that act
-the same on any grid (flips, 90-degree rotations) are applied to image, label and targets alike.
-Targets are area-pooled to the student's token grid (input size / 16), which keeps them small.
+computed once per un-augmented image (CacheDataset keeps them in memory for the run), and spatial
+augmentations that act the same on any grid (flips, 90-degree rotations) are applied to image, label
+and targets alike. Targets are area-pooled to the student's token grid (input size / 16), which keeps
+them small: that is also what goes to the teacher's disk cache (keyed by image and label), so a
+later run on the same data (another seed, another arm of a sweep) reads them instead of encoding.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from monai.transforms import MapTransform
 
 from custom.losses.distillation import pool_to_grid
 from custom.networks.student import PATCH_SIZE
+from custom.teachers.cache import EncoderCache, fingerprint, image_key
 from custom.teachers.generalized import GeneralizedTeacher, TeacherOutput
 
 FUSION_KEY = "fusion"
@@ -50,6 +52,8 @@ class TeacherTargetsd(MapTransform):
         prefix: prefix of the added keys.
         with_fusion: compute the fusion features (needed by the semantic path only).
         dtype: storage dtype of the added maps (float16 halves the memory of the cached dataset).
+        disk_cache: keep the targets in the teacher's cache folder (when it has one and its prompts are
+            deterministic: no box jitter, no sampled points).
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class TeacherTargetsd(MapTransform):
         prefix: str = "teacher_",
         with_fusion: bool = True,
         dtype: torch.dtype = torch.float16,
+        disk_cache: bool = True,
     ) -> None:
         super().__init__(keys)
         self.teacher = teacher
@@ -67,14 +72,38 @@ class TeacherTargetsd(MapTransform):
         self.prefix = prefix
         self.with_fusion = with_fusion
         self.dtype = dtype
+        self.cache: EncoderCache | None = None
+        encoder_cache, prompts = teacher.cache, teacher.prompt_identity
+        if disk_cache and encoder_cache is not None and prompts is not None:
+            namespace = fingerprint(
+                kind="stage1_targets",
+                **teacher.encoder_identity,
+                **prompts,
+                feature_indices=teacher.feature_indices,
+                with_fusion=with_fusion,
+                grid=PATCH_SIZE,
+                slice_axis=teacher.slice_axis,
+            )
+            budget = encoder_cache.budget_bytes
+            self.cache = EncoderCache(
+                encoder_cache.directory, namespace, dtype, None if budget is None else budget / 1e9
+            )
+
+    def targets(self, image: torch.Tensor, label: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """``{name: map}`` of one channel-first image (no batch dim), from the disk cache if possible."""
+        key = None if self.cache is None else image_key(image, *([] if label is None else [label]))
+        if key is not None and (hit := self.cache.get(key)) is not None:
+            return hit
+        grid = [s // PATCH_SIZE for s in image.shape[1:]]
+        out = self.teacher(image[None], labels=None if label is None else label[None], with_fusion=self.with_fusion)
+        fresh = {name: value[0] for name, value in distillation_targets(out, grid).items()}
+        return fresh if key is None else self.cache.put(key, fresh)
 
     def __call__(self, data: dict) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            image = torch.as_tensor(d[key]).float()[None]
-            label = torch.as_tensor(d[self.label_key])[None] if self.label_key in d else None
-            grid = [s // PATCH_SIZE for s in image.shape[2:]]
-            out = self.teacher(image, labels=label, with_fusion=self.with_fusion)
-            for name, value in distillation_targets(out, grid).items():
-                d[self.prefix + name] = value[0] if name == VALID_KEY else value[0].to(self.dtype)
+            image = torch.as_tensor(d[key]).float()
+            label = torch.as_tensor(d[self.label_key]) if self.label_key in d else None
+            for name, value in self.targets(image, label).items():
+                d[self.prefix + name] = value if name == VALID_KEY else value.to(self.dtype)
         return d
