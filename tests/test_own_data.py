@@ -4,6 +4,7 @@ paths in another working directory, the documented commands, and checkpoints tha
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -156,14 +157,28 @@ def test_own_3d_volumes_of_mixed_sizes_train_and_infer(tmp_path, monkeypatch):
         "ckpt_dir": "runs/models",
         "output_dir": "runs/eval",
         "roi_size": [32, 32, 16],
-        "pretrain_distillation": "none",  # LiteMedSAM slice by slice is test_generalized's job, not a CPU test's
-        "teachers": "specialized",
+        "teacher_cache_dir": "runs/cache",
+        "pretrain_distillation": "none",  # stage 1's targets slice by slice are test_generalized's job
+        "teachers": "both",  # UnCoL's stage 2: LiteMedSAM slice by slice on the unlabelled patches
+        "gate": "quantile",  # class-wise quantiles: keep_start (0.5) of each class's voxels at the start
+        "disagreement": "mask",
         **TINY_RUN,
         "max_epochs": 1,
         "pretrain_epochs": 1,
+        "log_every": 1,
     }
     log = _bundle_run(tmp_path, "training", [TRAIN, TRAIN_3D], **settings)
     assert "running stage 1 (pretrain) first" in log.stdout + log.stderr
+    shares = [float(v) for v in re.findall(r"gate_from_generalized: ([0-9.]+)", log.stdout + log.stderr)]
+    kept = [float(v) for v in re.findall(r"gate_kept: ([0-9.]+)", log.stdout + log.stderr)]
+    assert len(shares) == 2 and len(kept) == 2  # one line per iteration
+    # the gate keeps some voxels and rejects others: at most keep_start by the quantiles, fewer once the
+    # voxels where the teachers disagree are masked too
+    assert all(0.0 < k <= 0.55 for k in kept), kept
+    assert all(0.0 < s <= 1.0 for s in shares), shares  # and the generalized teacher supplies some of them
+    # the generalized teacher took part: its embeddings (one per slice crop) are in the cache
+    embeddings = list((tmp_path / "runs" / "cache").glob("*/*.pt"))
+    assert len(embeddings) >= 16 and all(e.stat().st_size < 2.2e6 for e in embeddings)
     record = torch.load(tmp_path / "runs" / "models" / "model.pt", map_location="cpu", weights_only=True)["record"]
     assert record["spatial_dims"] == 3 and record["num_classes"] == 4 and record["pixdim"] == [1.25, 1.25, 2.0]
     _in_process(tmp_path, monkeypatch, "inference", [INFER, INFER_3D], ckpt_path="runs/models/model.pt",
