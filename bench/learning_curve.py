@@ -3,6 +3,7 @@ epoch, to choose a sweep budget at which supervised training with 100 % labels h
 
     python bench/learning_curve.py --task colin27 [--epochs 40] [--seed 0]
     python bench/learning_curve.py --task embedded2d     # the bundle's own 2D phantoms
+    python bench/learning_curve.py --task embedded3d [--batch-size 2] [--shape 160 160 96]   # 3D phantoms, patches
 
 Prepares the task with every training slice labelled (``custom.data.real_brain``), trains the student
 with the supervised loss only (stage 1 without distillation, as the sweep's supervised runs start),
@@ -53,9 +54,13 @@ class ClassDiceCurve:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="colin27", choices=("colin27", "macaque", "embedded2d"))
+    parser.add_argument("--task", default="colin27", choices=("colin27", "macaque", "embedded2d", "embedded3d"))
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: pretrain_batch_size of train.json")
+    parser.add_argument("--iterations-per-epoch", type=int, default=None, help="default: train.json's")
+    parser.add_argument("--shape", type=int, nargs="+", default=None, help="phantom size (embedded tasks)")
+    parser.add_argument("--roi", type=int, nargs="+", default=None, help="roi_size (default: the task's)")
     parser.add_argument("--work", type=Path, default=ROOT / "bundle" / "eval" / "learning_curve")
     args = parser.parse_args(argv)
 
@@ -67,16 +72,30 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work / args.task / f"seed{args.seed}"
     if (work / "models").exists():
         raise SystemExit(f"error: {work / 'models'} exists; remove it to measure the curve again")
-    if args.task == "embedded2d":  # the bundle's own 2D phantoms, every training case labelled
+    configs = [str(CONFIGS / "train.json")]
+    if args.task.startswith("embedded"):  # the bundle's own phantoms, every training case labelled
         from custom.data.phantoms import ensure_dataset
 
-        datalist = Path(ensure_dataset(args.work / args.task / "data", spatial_dims=2, labelled_fraction=1.0))
+        dims = int(args.task[-2])
+        shape = {"shape": args.shape} if args.shape else {}
+        data = args.work / args.task / "data"
+        datalist = Path(ensure_dataset(data, spatial_dims=dims, labelled_fraction=1.0, **shape))
+        if dims == 3:
+            configs.append(str(CONFIGS / "train_3d.json"))
     else:
         datalist = prepare(args.work / args.task / "data", args.task, labelled_fraction=1.0)
     names = ConfigParser.load_config_file(datalist)["labels"]
     class_names = [names[str(v)] for v in range(1, len(names))]
     handlers = ConfigParser.load_config_file(str(CONFIGS / "train.json"))["validate"]["handlers"]
     curve = ClassDiceCurve(class_names)
+    train = ConfigParser.load_config_file(str(CONFIGS / "train.json"))
+    setting = SETTINGS[args.task]["bundle"] if args.task in SETTINGS else {"spatial_dims": 2}
+    if args.task == "embedded3d":
+        setting = {"spatial_dims": 3}
+    schedule = {
+        "pretrain_batch_size": args.batch_size or train["pretrain_batch_size"],
+        "iterations_per_epoch": args.iterations_per_epoch or train["iterations_per_epoch"],
+    }
     overrides = {
         "bundle_root": str(work),
         "config_dir": str(CONFIGS),
@@ -88,18 +107,25 @@ def main(argv: list[str] | None = None) -> None:
         "val_interval": 1,
         "validate#key_metric#val_mean_dice#save_details": True,
         "validate#handlers": [*handlers, curve],
-        **SETTINGS.get(args.task, SETTINGS["2d"])["bundle"],
+        **schedule,
+        **({"roi_size": args.roi} if args.roi else {}),
+        **setting,
     }
     start = time.perf_counter()
-    run("pretrain", config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "pretrain.json")], **overrides)
+    run("pretrain", config_file=[*configs, str(CONFIGS / "pretrain.json")], **overrides)
     result = {
-        "command": f"python bench/learning_curve.py --task {args.task} --epochs {args.epochs} --seed {args.seed}",
+        "command": "python bench/learning_curve.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "commit": commit(),
         "task": args.task,
-        "training": "supervised only (stage 1 without distillation), every training slice labelled",
-        "iterations_per_epoch": ConfigParser.load_config_file(str(CONFIGS / "train.json"))["iterations_per_epoch"],
-        "batch_size": ConfigParser.load_config_file(str(CONFIGS / "train.json"))["pretrain_batch_size"],
-        "bundle_overrides": SETTINGS.get(args.task, SETTINGS["2d"])["bundle"],
+        "training": "supervised only (stage 1 without distillation), every training case labelled",
+        "iterations_per_epoch": schedule["iterations_per_epoch"],
+        "batch_size": schedule["pretrain_batch_size"],
+        "configs": [Path(c).name for c in configs],
+        "bundle_overrides": {
+            **setting,
+            **({"roi_size": args.roi} if args.roi else {}),
+            **({"shape": args.shape} if args.shape else {}),
+        },
         "seconds": round(time.perf_counter() - start, 1),
         "validation": [{**p, "seconds": round(p["seconds"], 1)} for p in curve.points],
     }

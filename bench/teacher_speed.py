@@ -1,6 +1,6 @@
 """Generalized-teacher timings on this machine: encoder per image, decoder per prompt, cache miss/hit.
 
-    python bench/teacher_speed.py [--threads 2] [--skip-sam]
+    python bench/teacher_speed.py [--threads 2] [--skip-sam] [--out bundle/docs/results/teacher_speed.txt]
 
 SAM ViT-B is timed with random weights (the official file is not reachable here; the architecture,
 and so the time, is the same). Everything runs in float32: never bf16 autocast on a CPU.
@@ -9,7 +9,10 @@ and so the time, is the same). Everything runs in float32: never bf16 autocast o
 from __future__ import annotations
 
 import argparse
+import builtins
+import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -17,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from custom.teachers.generalized import GeneralizedTeacher  # noqa: E402
 from custom.teachers.prompts import Prompts  # noqa: E402
@@ -37,9 +41,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-sam", action="store_true", help="skip SAM ViT-B at 1024 (about 20 s per image)")
+    parser.add_argument("--out", default=None, help="also write the printed lines here (with the command and commit)")
     args = parser.parse_args()
+    lines: list[str] = []
+
+    def print(line: str) -> None:  # noqa: A001 - the report's lines go to the screen and to --out
+        builtins.print(line, flush=True)
+        lines.append(line)
+
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    print("python bench/teacher_speed.py " + " ".join(sys.argv[1:]))
+    print(f"commit {commit}, {platform.machine()}")
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     image = torch.rand(1, 1, 128, 128, device=device)
 
@@ -60,8 +74,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cached = GeneralizedTeacher("litemedsam", cache_dir=tmp).to(device)
         images = torch.rand(4, 1, 128, 128, device=device)
-        miss = timed(lambda: cached.encode(images), 1) / len(images)
-        hit = timed(lambda: cached.encode(images), args.repeats) / len(images)
+        miss = timed(lambda: cached.encode(images, features=False), 1) / len(images)
+        hit = timed(lambda: cached.encode(images, features=False), args.repeats) / len(images)
         print(
             f"encoder cache: build (miss) {miss:.3f} s per image, hit {hit * 1000:.1f} ms per image "
             f"({miss / hit:.0f}x faster), {len(cached.cache)} entries"
@@ -76,6 +90,8 @@ def main() -> None:
             sam.image_encoder(x)  # warm-up
             t = timed(lambda: sam.image_encoder(x), 1)
         print(f"SAM ViT-B encoder (1024x1024 input, float32): {t:.2f} s per image ({t / enc:.1f}x LiteMedSAM)")
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

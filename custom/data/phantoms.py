@@ -33,7 +33,8 @@ class PhantomConfig:
     """Parameters of the embedded dataset (documented in ``bundle/docs/README.md``)."""
 
     spatial_dims: int = 2
-    #: image size in voxels; ``None`` picks 128x128 (2D) or 96x96x64 (3D)
+    #: image size in voxels; ``None`` picks 128x128 (2D) or 160x160x96 (3D: larger than train_3d.json's
+    #: 96x96x64 roi_size, so training samples patches, as on clinical volumes)
     shape: tuple[int, ...] | None = None
     #: voxel size in mm; ``None`` picks 1x1 (2D) or 1.25x1.25x2.0 (3D, anisotropic)
     spacing: tuple[float, ...] | None = None
@@ -53,7 +54,7 @@ class PhantomConfig:
     def resolved(self) -> PhantomConfig:
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}.")
-        shape = self.shape or ((128, 128) if self.spatial_dims == 2 else (96, 96, 64))
+        shape = self.shape or ((128, 128) if self.spatial_dims == 2 else (160, 160, 96))
         spacing = self.spacing or ((1.0, 1.0) if self.spatial_dims == 2 else (1.25, 1.25, 2.0))
         if len(shape) != self.spatial_dims or len(spacing) != self.spatial_dims:
             raise ValueError(f"shape {shape} and spacing {spacing} must have {self.spatial_dims} entries.")
