@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import replace_section  # noqa: E402
-from bench.sweep import commit, setting_overrides  # noqa: E402
+from bench.sweep import commit, portable, setting_overrides  # noqa: E402
 
 CONFIGS = ROOT / "bundle" / "configs"
 TRAIN, PRETRAIN = str(CONFIGS / "train.json"), str(CONFIGS / "pretrain.json")
@@ -198,9 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     calib = calibration(parser, iteration, threshold)
     audit_png, reliability_png = plots(audit.records, calib, results)
     payload = {
-        "args": vars(args),
+        "args": portable(vars(args)),
         "commit": commit(),
-        "overrides": overrides,
+        "overrides": portable(overrides),
         "audit": audit.records,
         "calibration": calib,
     }

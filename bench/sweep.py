@@ -325,6 +325,47 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def mean_foreground_dice(run: dict) -> float:
+    """A run's test Dice averaged over the foreground classes (each class's mean over the test cases)."""
+    return statistics.fmean(v["mean"] for v in run["metrics"]["test_dice"].values())
+
+
+def per_seed_table(results: list[dict]) -> str:
+    """Mean foreground Dice of every run, seed by seed, and each method's difference to supervised-only
+    and to Mean Teacher on the same seed (the comparison the spread over seeds alone cannot make)."""
+    runs = {(r["fraction"], r["method"], r["seed"]): mean_foreground_dice(r) for r in results}
+    seeds = sorted({seed for _, _, seed in runs})
+    lines = [
+        "| labelled | method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | "
+        "− supervised, per seed | − Mean Teacher, per seed |",
+        "|---|---|" + "---|" * len(seeds) + "---|---|---|",
+    ]
+    order = list(METHODS)
+
+    def differences(fraction: float, method: str, baseline: str) -> str:
+        if method == baseline:
+            return "-"
+        pairs = [
+            runs[(fraction, method, s)] - runs[(fraction, baseline, s)]
+            for s in seeds
+            if (fraction, method, s) in runs and (fraction, baseline, s) in runs
+        ]
+        return " / ".join(f"{d:+.3f}" for d in pairs) if pairs else "-"
+
+    for fraction, method in sorted({(f, m) for f, m, _ in runs}, key=lambda k: (k[0], order.index(k[1]))):
+        values = [runs.get((fraction, method, s)) for s in seeds]
+        present = [v for v in values if v is not None]
+        spread = f" ± {statistics.stdev(present):.3f}" if len(present) > 1 else ""
+        cells = [f"{v:.3f}" if v is not None else "-" for v in values]
+        lines.append(
+            f"| {fraction:.0%} | {LABELS[method]} | "
+            + " | ".join(cells)
+            + f" | {statistics.fmean(present):.3f}{spread} | "
+            f"{differences(fraction, method, 'supervised')} | {differences(fraction, method, 'mean_teacher')} |"
+        )
+    return "\n".join(lines)
+
+
 def plot(summary: dict, path: Path, title: str) -> None:
     import matplotlib
 
@@ -376,6 +417,10 @@ def report(setting: str, results_dir: Path, results_md: Path, seeds: list[int]) 
     text = "\n".join(
         [
             table(summary),
+            "",
+            "Mean foreground Dice per run (the classes' test Dice averaged), seed by seed:",
+            "",
+            per_seed_table(runs),
             "",
             f"![Dice vs labelled fraction]({Path(os.path.relpath(png, results_md.parent)).as_posix()})",
             "",

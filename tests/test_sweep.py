@@ -99,3 +99,24 @@ def test_table_counts_runs_without_a_finite_hd95_and_says_n_a_when_none_has_one(
     assert rows[2].endswith("| n/a (0 of 2 runs predict it) | 2 |") and "nan" not in rows[2]
     one = table(summarise([run(0, 4.0)])).splitlines()[2]  # one seed: no spread to show
     assert one == "| 10% | UnCoL (both teachers) | 0.800 | 0.300 | 5.0 | 4.0 | 1 |"
+
+
+def test_per_seed_table_pairs_each_method_with_the_baselines_on_the_same_seed():
+    def run(method: str, seed: int, organ: float, lesion: float) -> dict:
+        dice = {"organ": {"mean": organ}, "lesion": {"mean": lesion}}
+        return {"fraction": 0.1, "method": method, "seed": seed, "metrics": {"test_dice": dice}}
+
+    runs = [
+        run("supervised", 0, 0.8, 0.2),  # mean 0.5
+        run("supervised", 1, 0.9, 0.5),  # 0.7
+        run("mean_teacher", 0, 0.6, 0.2),  # 0.4
+        run("uncol", 0, 0.9, 0.3),  # 0.6
+        run("uncol", 1, 0.8, 0.4),  # 0.6
+    ]
+    lines = sweep.per_seed_table(runs).splitlines()
+    assert lines[0].startswith("| labelled | method | seed 0 | seed 1 | mean ± std |")
+    uncol = next(line for line in lines if "| UnCoL (both teachers) |" in line)
+    # seed by seed against supervised (+0.1, -0.1), against Mean Teacher only where it ran (seed 0)
+    assert "| 0.600 | 0.600 | 0.600 ± 0.000 | +0.100 / -0.100 | +0.200 |" in uncol
+    mean_teacher = next(line for line in lines if "| Mean Teacher |" in line)
+    assert "| 0.400 | - | 0.400 | -0.100 | - |" in mean_teacher  # one seed: no spread
