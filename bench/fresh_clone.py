@@ -1,6 +1,7 @@
 """What a new user's machine sees: install, demo and test times of a fresh clone, with the demo's Dice.
 
     python bench/fresh_clone.py [--skip-demo] [--out bundle/docs/results/fresh_clone.json]
+    python bench/fresh_clone.py --report-only      # README.md's table from the JSON
 
 Clones this repository's HEAD into a temporary folder (committed files only) and, timing each step,
 runs what README.md tells a user to: ``make install``, ``make demo``, ``make label-install`` and
@@ -71,11 +72,53 @@ def demo_dice(clone: Path) -> dict:
     return out
 
 
+def minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+
+
+def readme_table(result: dict) -> str:
+    """The README's table of what a fresh clone costs, from the JSON."""
+    sec, disk, tests, demo = result["seconds"], result["disk_gb"], result["tests"], result["demo"]
+    rows = [
+        ("first-time install (`make install`)", f"{minutes(sec['make install'])}; `.venv` is {disk['.venv']} GB"),
+        (
+            "MONAI Label's environment (`make label-install`)",
+            f"{minutes(sec['make label-install'])}; `.venv-label` adds "
+            f"{disk['.venv-label, beyond the files it hard-links from .venv']} GB (it is "
+            f"{disk['.venv-label alone']} GB counted alone: the rest is hard-linked from `.venv`)",
+        ),
+    ]
+    if demo:
+        dice = "; ".join(
+            f"{name}: " + ", ".join(f"{cls} {v:.3f}" for cls, v in classes.items())
+            for name, classes in demo["test_dice"].items()
+        )
+        rows.append(("`make demo` (cold teacher cache, data generated)", minutes(sec["make demo"])))
+        rows.append(("test Dice of that demo run (16 test cases)", dice))
+    rows.append(("`make test` (both environments installed)", f"{minutes(sec['make test'])}: {tests['summary']}"))
+    lines = [
+        f"A fresh clone of commit {result['commit'][:7]} on {result['machine']} "
+        f"(`{result['command']}`, `bundle/docs/results/fresh_clone.json`, with the 20 slowest tests):",
+        "",
+        "| what | figure |",
+        "|---|---|",
+        *[f"| {what} | {figure} |" for what, figure in rows],
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-demo", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "bundle" / "docs" / "results" / "fresh_clone.json"))
+    parser.add_argument("--report-only", action="store_true", help="write README.md's table from --out")
     args = parser.parse_args()
+    if args.report_only:
+        sys.path.insert(0, str(ROOT))
+        from bench.report import replace_section
+
+        replace_section(ROOT / "README.md", "fresh-clone", readme_table(json.loads(Path(args.out).read_text())))
+        return
     commit = git("rev-parse", "HEAD")
     dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     work = Path(tempfile.mkdtemp(prefix="uncol-fresh-"))
