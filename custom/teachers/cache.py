@@ -168,7 +168,10 @@ class EncoderCache:
     def _touch(self, path: Path) -> None:
         if self.budget_bytes is None:
             return
-        os.utime(path)
+        try:
+            os.utime(path)
+        except FileNotFoundError:  # evicted by another process since it was read: nothing to refresh
+            return
         index = self._entries()
         if path in index:
             index.move_to_end(path)
