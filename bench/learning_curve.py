@@ -89,9 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     handlers = ConfigParser.load_config_file(str(CONFIGS / "train.json"))["validate"]["handlers"]
     curve = ClassDiceCurve(class_names)
     train = ConfigParser.load_config_file(str(CONFIGS / "train.json"))
-    setting = SETTINGS[args.task]["bundle"] if args.task in SETTINGS else {"spatial_dims": 2}
-    if args.task == "embedded3d":
-        setting = {"spatial_dims": 3}
+    setting = SETTINGS[args.task]["bundle"] if args.task in SETTINGS else {"spatial_dims": int(args.task[-2])}
     schedule = {
         "pretrain_batch_size": args.batch_size or train["pretrain_batch_size"],
         "iterations_per_epoch": args.iterations_per_epoch or train["iterations_per_epoch"],
