@@ -57,8 +57,10 @@ demo: install
 bundle: install
 	$(PY) scripts/make_bundle.py --out dist
 
+# pytest-xdist workers (tests/conftest.py gives each one torch thread): the reference machine's 2 cores
+TEST_WORKERS ?= 2
 test: install label-install
-	$(PY) -m pytest -q --durations=20 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20 tests
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -11,7 +11,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# `make test` runs two pytest-xdist workers on the 2 cores: one torch thread each (2 threads in each of
+# two workers oversubscribes the cores and slows both several-fold); a plain `pytest` keeps 2
+os.environ.setdefault("OMP_NUM_THREADS", "1" if "PYTEST_XDIST_WORKER" in os.environ else "2")
 
 #: generator parameters of the tiny 2D dataset (32x32, 4 train cases of which 2 labelled)
 TINY_2D = {

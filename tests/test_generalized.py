@@ -355,6 +355,12 @@ def test_defaults_reproduce_todays_outputs_bit_for_bit(lite_teacher):
     assert (built.prompt_min_confidence, built.abstain) == (0.0, "zero")
 
 
+def test_feature_channels_from_the_shape_only_pass_match_real_features(lite_teacher):
+    real = lite_teacher.encode(torch.randn(1, 1, 40, 32))
+    assert lite_teacher.feature_channels == {k: real[k].shape[1] for k in lite_teacher.feature_names}
+    assert all(p.device.type == "cpu" for p in lite_teacher.parameters())  # the weights stay where they were
+
+
 def test_bad_switches_are_refused():
     with pytest.raises(ValueError, match="box_mode"):
         GeneralizedTeacher(box_mode="blob")

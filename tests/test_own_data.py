@@ -150,7 +150,10 @@ def test_a_2d_checkpoint_refuses_a_3d_inference_config(own2d, monkeypatch, tmp_p
 
 
 def test_own_3d_volumes_of_mixed_sizes_train_and_infer(tmp_path, monkeypatch):
-    write_dataset(tmp_path / "data", [(32, 24, 16), (28, 32, 20)], (1.25, 1.25, 2.0), TINY_COUNTS)
+    # one unlabelled volume (16 slices): stage 2 encodes every unlabelled slice with LiteMedSAM before its
+    # first step (about 1.2 s a slice on 2 cores), so each further volume costs the test 20 s
+    counts = {**TINY_COUNTS, "unlabeled": 1}
+    write_dataset(tmp_path / "data", [(32, 24, 16), (28, 32, 20)], (1.25, 1.25, 2.0), counts)
     settings = {
         "use_embedded_data": False,
         "datalist": "data/datalist.json",
