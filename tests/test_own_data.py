@@ -172,6 +172,9 @@ def test_own_3d_volumes_of_mixed_sizes_train_and_infer(tmp_path, monkeypatch):
     }
     log = _bundle_run(tmp_path, "training", [TRAIN, TRAIN_3D], **settings)
     assert "running stage 1 (pretrain) first" in log.stdout + log.stderr
+    # before the first step, the warm-up encoded the unlabelled volume's 16 slices (one in-plane tile)
+    warm_up = "teacher cache warm-up: 1 unlabelled images, 16 distinct slice crops, 0 already cached, 16 encoded"
+    assert warm_up in log.stdout + log.stderr
     shares = [float(v) for v in re.findall(r"gate_from_generalized: ([0-9.]+)", log.stdout + log.stderr)]
     kept = [float(v) for v in re.findall(r"gate_kept: ([0-9.]+)", log.stdout + log.stderr)]
     assert len(shares) == 2 and len(kept) == 2  # one line per iteration

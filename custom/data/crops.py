@@ -18,6 +18,13 @@ from monai.transforms import MapTransform, Randomizable
 from custom.networks.student import PATCH_SIZE
 
 
+def tile_starts(size: int, roi: int) -> list[int]:
+    """Starts of the fixed tiles of length ``roi`` covering ``size`` voxels along one axis: ``0, roi,
+    2 roi, ...`` and the last flush with the far edge (``RandGridCropd(tiles=True)`` draws among them)."""
+    span = size - roi
+    return list(range(0, span, roi)) + [span]
+
+
 class RandGridCropd(Randomizable, MapTransform):
     """Crop ``keys`` to ``roi_size`` and ``grid_keys`` (maps at 1/``grid`` resolution) by the same box.
 
@@ -67,12 +74,12 @@ class RandGridCropd(Randomizable, MapTransform):
         self._start: tuple[int, ...] = ()
 
     def randomize(self, shape: Sequence[int], label: torch.Tensor | None = None) -> None:
-        span = [s - r for s, r in zip(shape, self.roi_size, strict=True)]
         if self.tiles:
             self._start = tuple(
-                int(self.R.choice(list(range(0, m, r)) + [m])) for m, r in zip(span, self.roi_size, strict=True)
+                int(self.R.choice(tile_starts(s, r))) for s, r in zip(shape, self.roi_size, strict=True)
             )
             return
+        span = [s - r for s, r in zip(shape, self.roi_size, strict=True)]
         centre = self._foreground_voxel(label) if label is not None else None
         if centre is None:
             self._start = tuple(self.grid * int(self.R.randint(m // self.grid + 1)) for m in span)

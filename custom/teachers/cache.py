@@ -235,5 +235,9 @@ class EncoderCache:
             "size_mb": round(self.size_bytes / 1e6, 1),
         }
 
+    def __contains__(self, key: str) -> bool:
+        """Whether ``key`` is stored (not counted as a hit or a miss; the entry is not read)."""
+        return self._path(key).is_file()
+
     def __len__(self) -> int:
         return sum(1 for _ in self.root.glob("*.pt"))
