@@ -3,6 +3,8 @@ Teacher, UnCoL with and without the generalized teacher's encoder cache) and inf
 the student via sliding window vs MONAI's ``UNet`` and ``UNETR`` of similar parameter count.
 
     python bench/speed.py [--part train|inference|all] [--steps 10]
+    python bench/speed.py --part inference --dims 3 --volume 256 256 128 \\
+        --out bundle/docs/results/speed_inference_256.txt
 
 Training: embedded 2D phantoms (128x128), the default 2D student, batches of 2 labelled + 2
 unlabelled ("supervised" is the labelled half alone). "Cache" is what the bundle does: the
@@ -12,7 +14,8 @@ so the mask decoder runs every step); "prompts same" the best (the stored output
 run lies between: its ``generalized_reused`` statistic says where.
 
 Inference: ``SlidingWindowInferer`` (overlap 0.25, Gaussian blending) over 16 2D images of 256x256
-(window 128x128) and over one 3D volume of 160x160x96 (window 96x96x64), after one warm-up pass.
+(window 128x128) and over one 3D volume of 160x160x96 (``--volume``; window 96x96x64), after one
+warm-up pass. ``--out`` also writes what is printed to a file, headed by the command and the commit.
 
 Every setting runs in its own process so its peak memory (max RSS on CPU, max allocated on CUDA) is
 its own.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -155,7 +159,7 @@ def build_network(dims: int, model: str):
     ), roi
 
 
-def run_infer_setting(name: str, steps: int) -> dict:
+def run_infer_setting(name: str, steps: int, volume: tuple[int, int, int] = (160, 160, 96)) -> dict:
     import torch
     from monai.inferers import SlidingWindowInferer
 
@@ -165,7 +169,7 @@ def run_infer_setting(name: str, steps: int) -> dict:
     network, roi = build_network(setting["dims"], setting["model"])
     network = network.to(device).eval()
     params = sum(p.numel() for p in network.parameters())
-    data = torch.randn(16, 1, 256, 256) if setting["dims"] == 2 else torch.randn(1, 1, 160, 160, 96)
+    data = torch.randn(16, 1, 256, 256) if setting["dims"] == 2 else torch.randn(1, 1, *volume)
     data = data.to(device)
     inferer = SlidingWindowInferer(roi, sw_batch_size=4, overlap=0.25, mode="gaussian")
 
@@ -187,9 +191,9 @@ def run_infer_setting(name: str, steps: int) -> dict:
     }
 
 
-def _in_subprocess(kind: str, name: str, steps: int) -> dict:
+def _in_subprocess(kind: str, name: str, steps: int, extra: list[str] = ()) -> dict:
     out = subprocess.run(
-        [sys.executable, "-W", "ignore", __file__, f"--{kind}-setting", name, "--steps", str(steps)],
+        [sys.executable, "-W", "ignore", __file__, f"--{kind}-setting", name, "--steps", str(steps), *extra],
         capture_output=True,
         text=True,
         check=True,
@@ -201,6 +205,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("train", "inference", "all"), default="all")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--dims", type=int, nargs="+", choices=(2, 3), default=[2, 3], help="inference: 2D, 3D or both")
+    parser.add_argument("--volume", type=int, nargs=3, default=[160, 160, 96], help="inference: the 3D volume's shape")
+    parser.add_argument("--out", default=None, help="also write the printed figures here")
     parser.add_argument("--train-setting", choices=list(TRAIN_SETTINGS), help=argparse.SUPPRESS)
     parser.add_argument("--inference-setting", choices=list(INFER_SETTINGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -208,34 +215,51 @@ def main() -> None:
         print(json.dumps(run_train_setting(args.train_setting, args.steps)))
         return
     if args.inference_setting:
-        print(json.dumps(run_infer_setting(args.inference_setting, args.steps)))
+        print(json.dumps(run_infer_setting(args.inference_setting, args.steps, tuple(args.volume))))
         return
+    lines: list[str] = []
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
     memory = None
     if args.part in ("train", "all"):
         results = {name: _in_subprocess("train", name, args.steps) for name in TRAIN_SETTINGS}
         base = results["mean teacher"]["seconds"]
         device = results["mean teacher"]["device"]
         memory = "peak GPU allocated" if device.startswith("cuda") else "peak RSS"
-        print(f"stage 2 training step, 2 labelled + 2 unlabelled 128x128, median of {args.steps}, device {device}")
+        say(f"stage 2 training step, 2 labelled + 2 unlabelled 128x128, median of {args.steps}, device {device}")
         for name, r in results.items():
-            print(
+            say(
                 f"  {name:<30} {r['seconds'] * 1000:8.1f} ms  ({r['seconds'] / base:4.2f}x Mean Teacher)  "
                 f"{memory} {r['peak_mib']:.0f} MiB"
             )
     if args.part in ("inference", "all"):
-        results = {name: _in_subprocess("inference", name, args.steps) for name in INFER_SETTINGS}
+        extra = ["--volume", *map(str, args.volume)]
+        names = [n for n, s in INFER_SETTINGS.items() if s["dims"] in args.dims]
+        results = {name: _in_subprocess("inference", name, args.steps, extra) for name in names}
         device = next(iter(results.values()))["device"]
         memory = "peak GPU allocated" if device.startswith("cuda") else "peak RSS"
-        print(f"sliding-window inference, device {device}: 16 images 256x256 (2D) / one 160x160x96 volume (3D)")
+        volume = "x".join(map(str, args.volume))
+        say(f"sliding-window inference, device {device}: 16 images 256x256 (2D) / one {volume} volume (3D)")
         for name, r in results.items():
             dims = name.split()[0]
             base = results[f"{dims} student"]["seconds"]
             unit = "images/s" if dims == "2d" else "volumes/s"
-            print(
+            say(
                 f"  {name:<14} {r['params'] / 1e6:5.2f} M params  {r['seconds'] * 1000:8.1f} ms  "
                 f"{r['per_second']:7.2f} {unit}  ({r['seconds'] / base:4.2f}x student)  "
                 f"{memory} {r['peak_mib']:.0f} MiB"
             )
+
+    if args.out:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+        command = " ".join(["python bench/speed.py", *sys.argv[1:]])
+        state = commit.stdout.strip() + ("-dirty" if dirty.strip() else "")
+        header = f"# {command}, commit {state}, {os.cpu_count()} CPU cores"
+        Path(args.out).write_text("\n".join([header, *lines]) + "\n")
 
 
 if __name__ == "__main__":

@@ -355,25 +355,28 @@ class GeneralizedTeacher(nn.Module):
     @torch.inference_mode()
     def encode(self, images: torch.Tensor, features: bool = True) -> dict[str, torch.Tensor]:
         """Image embedding (and, with ``features``, the intermediate encoder features) of ``(N, 1, H, W)``
-        images. The cache holds embeddings only (all the mask decoder reads): a call without features
-        is served from it and fills it; one with features (stage 1's targets, which have their own cache)
-        runs the encoder and rounds the embedding as the cache would, so that both calls agree."""
-        if self.cache is None or features:
-            entries = self._encode_uncached(images, features)
-            if self.cache is not None:
-                for entry in entries:
-                    entry["embedding"] = entry["embedding"].to(self.cache.storage_dtype).float()
-        else:
-            keys = [image_key(img) for img in images]
+        images; an image repeated in the batch (a volume's blank padding slices) is encoded once. The
+        cache holds embeddings only (all the mask decoder reads): a call without features is served from
+        it and fills it; one with features (stage 1's targets, which have their own cache) runs the
+        encoder and rounds the embedding as the cache would, so that both calls agree."""
+        keys = [image_key(img) for img in images]
+        entries: list[dict | None] = [None] * len(images)
+        if self.cache is not None and not features:
             entries = [self.cache.get(k) for k in keys]
-            todo = [j for j, e in enumerate(entries) if e is None]
-            if todo:  # each missing image encoded once, however often it repeats (blank padding slices)
-                first = {keys[j]: j for j in reversed(todo)}
-                unique = sorted(first.values())
-                fresh = self._encode_uncached(images[unique], features=False)
-                stored = {keys[j]: self.cache.put(keys[j], entry) for j, entry in zip(unique, fresh, strict=True)}
-                for j in todo:
-                    entries[j] = stored[keys[j]]
+        first = {keys[j]: j for j in reversed(range(len(keys))) if entries[j] is None}
+        if first:
+            unique = sorted(first.values())
+            fresh = dict(zip(unique, self._encode_uncached(images[unique], features), strict=True))
+            for j, entry in fresh.items():
+                if self.cache is None:
+                    continue
+                if features:  # not stored: the embedding rounded as the cache stores it
+                    entry["embedding"] = entry["embedding"].to(self.cache.storage_dtype).float()
+                else:
+                    fresh[j] = self.cache.put(keys[j], entry)
+            for j in range(len(entries)):
+                if entries[j] is None:
+                    entries[j] = fresh[first[keys[j]]]
         device = images.device
         return {k: torch.stack([e[k] for e in entries]).to(device) for k in entries[0]}
 

@@ -94,10 +94,26 @@ class TeacherTargetsd(MapTransform):
         key = None if self.cache is None else image_key(image, *([] if label is None else [label]))
         if key is not None and (hit := self.cache.get(key)) is not None:
             return hit
+        fresh = self._computed(image, label)
+        return fresh if key is None else self.cache.put(key, fresh)
+
+    def _computed(self, image: torch.Tensor, label: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The targets of one image; a volume goes through the teacher one token-deep block of slices
+        at a time (the full-resolution features of every slice at once would grow with the volume:
+        about 13 MB a slice with LiteMedSAM before pooling), which gives the same maps, since the
+        teacher sees each slice alone and each grid cell pools one block."""
+        axis = 1 + self.teacher.slice_axis
+        depth = image.shape[axis] if image.ndim == 4 else 0
+        if depth > PATCH_SIZE and depth % PATCH_SIZE == 0:
+            blocks = []
+            for z in range(0, depth, PATCH_SIZE):
+                block_label = None if label is None else label.narrow(axis, z, PATCH_SIZE)
+                blocks.append(self._computed(image.narrow(axis, z, PATCH_SIZE), block_label))
+            valid = torch.stack([b.pop(VALID_KEY) for b in blocks]).any(0)
+            return {name: torch.cat([b[name] for b in blocks], axis) for name in blocks[0]} | {VALID_KEY: valid}
         grid = [s // PATCH_SIZE for s in image.shape[1:]]
         out = self.teacher(image[None], labels=None if label is None else label[None], with_fusion=self.with_fusion)
-        fresh = {name: value[0] for name, value in distillation_targets(out, grid).items()}
-        return fresh if key is None else self.cache.put(key, fresh)
+        return {name: value[0] for name, value in distillation_targets(out, grid).items()}
 
     def __call__(self, data: dict) -> dict:
         d = dict(data)
