@@ -70,6 +70,28 @@ VARIANTS = [
 
 
 @torch.no_grad()
+def class_recall(
+    spec: torch.Tensor, gen: torch.Tensor, pseudo: torch.Tensor, kept: torch.Tensor, truth: torch.Tensor
+) -> list[dict]:
+    """Per foreground class, the share of its true voxels that each teacher's argmax and the kept
+    pseudo-label call that class: where a class the students must learn goes missing (a class the
+    pseudo-labels never supervise as itself is unlearned)."""
+    out = []
+    for c in range(1, spec.shape[1]):
+        true = truth == c
+        n = int(true.sum())
+
+        def share(pred: torch.Tensor, where: torch.Tensor | None = None, true=true, c=c, n=n) -> float | None:
+            hit = (pred == c) & true & (True if where is None else where)
+            return None if n == 0 else round(float(hit.sum()) / n, 4)
+
+        out.append({
+            "class": c, "voxels": n, "ema": share(spec.argmax(1)), "litemedsam": share(gen.argmax(1)),
+            "kept_pseudo_label": share(pseudo, kept),
+        })  # fmt: skip
+    return out
+
+
 def audit_variant(overrides: dict, images: torch.Tensor, labels: torch.Tensor) -> dict:
     """Build stage 2 from the configs with ``overrides``, calibrate if asked, and audit its gate at the
     threshold schedule's first and last value."""
@@ -124,6 +146,7 @@ def audit_variant(overrides: dict, images: torch.Tensor, labels: torch.Tensor) -
         scores["from_generalized"] = gated.stats()["gate_from_generalized"]
         fg = (truth > 0) | (gated.pseudo_label[:, 0] > 0)
         scores["kept_fg"] = float((gated.mask[:, 0].bool() & fg).sum()) / max(1, int(fg.sum()))
+        scores["class_recall"] = class_recall(spec, gen, gated.pseudo_label[:, 0], gated.mask[:, 0].bool(), truth)
         result[when] = scores
     result["max_entropy"] = math.log(spec.shape[1])
     return result
