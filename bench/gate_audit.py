@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     payload = {
         "command": "python bench/gate_audit.py"
         + (f" --task {args.task}" if args.task else "")
-        + (" --quick" if args.quick else ""),
+        + (" --quick" if args.quick else "")
+        + (f" --stage1 {stage1_provenance(args.stage1)['path']}" if args.stage1 else ""),
         "commit": commit(),
         "setting": setting,
         "stage1": stage1_provenance(args.stage1) if args.stage1 else None,
