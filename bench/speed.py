@@ -242,7 +242,8 @@ def main() -> None:
         device = next(iter(results.values()))["device"]
         memory = "peak GPU allocated" if device.startswith("cuda") else "peak RSS"
         volume = "x".join(map(str, args.volume))
-        say(f"sliding-window inference, device {device}: 16 images 256x256 (2D) / one {volume} volume (3D)")
+        what = {2: "16 images 256x256 (2D, window 128x128)", 3: f"one {volume} volume (3D, window 96x96x64)"}
+        say(f"sliding-window inference, device {device}: " + " / ".join(what[d] for d in sorted(set(args.dims))))
         for name, r in results.items():
             dims = name.split()[0]
             base = results[f"{dims} student"]["seconds"]
