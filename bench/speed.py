@@ -256,7 +256,9 @@ def main() -> None:
 
     if args.out:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout
         command = " ".join(["python bench/speed.py", *sys.argv[1:]])
         state = commit.stdout.strip() + ("-dirty" if dirty.strip() else "")
         header = f"# {command}, commit {state}, {os.cpu_count()} CPU cores"
