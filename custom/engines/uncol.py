@@ -220,6 +220,10 @@ class SemiSupervisedIteration:
         self.specialized_temperature = 1.0
         self.generalized_calls = 0
         self.generalized_reused = 0
+        #: voxels per class of the kept pseudo-labels and of the labelled batches since the last reset
+        #: (``PseudoLabelCoverage`` reads them: a class the pseudo-labels never contain is being unlearned)
+        self.kept_class_voxels: torch.Tensor | None = None
+        self.labelled_class_voxels: torch.Tensor | None = None
 
     @torch.no_grad()
     def teacher_probs(self, weak: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -237,6 +241,15 @@ class SemiSupervisedIteration:
             else:
                 gen = self._generalized_probs(weak, self.generalized.make_prompts(spec)).to(spec)
         return spec, gen
+
+    def _count_classes(self, kept: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+        kept_counts = torch.bincount(kept.long().flatten().cpu(), minlength=num_classes)
+        labelled_counts = torch.bincount(labels.long().flatten().cpu(), minlength=num_classes)
+        if self.kept_class_voxels is None or self.labelled_class_voxels is None:
+            self.kept_class_voxels, self.labelled_class_voxels = kept_counts, labelled_counts
+        else:
+            self.kept_class_voxels += kept_counts
+            self.labelled_class_voxels += labelled_counts
 
     def forget_generalized(self) -> None:
         """Drop the stored generalized-teacher outputs (they are stale once its mask temperature changes)."""
@@ -282,6 +295,7 @@ class SemiSupervisedIteration:
         reused_before = self.generalized_reused
         spec, gen = self.teacher_probs(weak)
         gated = self.gate(spec if self.gate.teachers != "generalized" else None, gen, threshold)
+        self._count_classes(gated.pseudo_label[gated.mask.bool()], labels, spec.shape[1])
         strong, pseudo, mask = random_flip_rot90(
             [strong, gated.pseudo_label.float(), gated.mask], generator=self.generator
         )
