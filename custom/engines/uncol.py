@@ -243,8 +243,9 @@ class SemiSupervisedIteration:
         return spec, gen
 
     def _count_classes(self, kept: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
-        kept_counts = torch.bincount(kept.long().flatten().cpu(), minlength=num_classes)
-        labelled_counts = torch.bincount(labels.long().flatten().cpu(), minlength=num_classes)
+        # on the batch's device: read (and synchronised) once an epoch by the handler, not every step
+        kept_counts = torch.bincount(kept.long().flatten(), minlength=num_classes)
+        labelled_counts = torch.bincount(labels.long().flatten(), minlength=num_classes)
         if self.kept_class_voxels is None or self.labelled_class_voxels is None:
             self.kept_class_voxels, self.labelled_class_voxels = kept_counts, labelled_counts
         else:

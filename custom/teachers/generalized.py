@@ -367,13 +367,12 @@ class GeneralizedTeacher(nn.Module):
         if first:
             unique = sorted(first.values())
             fresh = dict(zip(unique, self._encode_uncached(images[unique], features), strict=True))
-            for j, entry in fresh.items():
-                if self.cache is None:
-                    continue
-                if features:  # not stored: the embedding rounded as the cache stores it
-                    entry["embedding"] = entry["embedding"].to(self.cache.storage_dtype).float()
-                else:
-                    fresh[j] = self.cache.put(keys[j], entry)
+            if self.cache is not None:
+                for j, entry in fresh.items():
+                    if features:  # not stored: the embedding rounded as the cache stores it
+                        entry["embedding"] = entry["embedding"].to(self.cache.storage_dtype).float()
+                    else:
+                        fresh[j] = self.cache.put(keys[j], entry)
             for j in range(len(entries)):
                 if entries[j] is None:
                     entries[j] = fresh[first[keys[j]]]
