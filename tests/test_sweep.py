@@ -120,3 +120,22 @@ def test_per_seed_table_pairs_each_method_with_the_baselines_on_the_same_seed():
     assert "| 0.600 | 0.600 | 0.600 ± 0.000 | +0.100 / -0.100 | +0.200 |" in uncol
     mean_teacher = next(line for line in lines if "| Mean Teacher |" in line)
     assert "| 0.400 | - | 0.400 | -0.100 | - |" in mean_teacher  # one seed: no spread
+
+
+def test_committed_short_2d_table_is_rebuilt_from_its_run_jsons(tmp_path):
+    """The first 2D sweep's table in results.md is what its committed run JSONs give (``--setting``)."""
+    import shutil
+
+    docs = ROOT / "bundle" / "docs"
+    results, page = tmp_path / "results", tmp_path / "results.md"
+    shutil.copytree(docs / "results" / "runs" / "2d_short", results / "runs" / "2d_short")
+    main(["--setting", "2d_short", "--report-only", "--results", str(results), "--results-md", str(page)])
+
+    def table_rows(text: str) -> list[str]:
+        section = text.split("<!-- sweep-2d_short:start -->", 1)[1].split("<!-- sweep-2d_short:end -->", 1)[0]
+        return [line for line in section.splitlines() if line.startswith("|")]
+
+    rebuilt = table_rows(page.read_text())
+    assert len(rebuilt) == 2 * 2 + 2 * 13  # two tables: header rows + 13 (fraction, method) rows each
+    assert rebuilt == table_rows((docs / "results.md").read_text())
+    assert "--setting 2d_short" in page.read_text()
