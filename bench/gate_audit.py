@@ -66,6 +66,11 @@ VARIANTS = [
             "gate": "quantile",
         },
     ),
+    ("class guard (labelled class prior)", {"class_guard": "prior"}),
+    (
+        "quantile + disagreement masked + class guard",
+        {"gate": "quantile", "disagreement": "mask", "class_guard": "prior"},
+    ),
 ]
 
 
@@ -75,7 +80,8 @@ def class_recall(
 ) -> list[dict]:
     """Per foreground class, the share of its true voxels that each teacher's argmax and the kept
     pseudo-label call that class: where a class the students must learn goes missing (a class the
-    pseudo-labels never supervise as itself is unlearned)."""
+    pseudo-labels never supervise as itself is unlearned); and the share kept as another class (what
+    teaches the student to unlearn it)."""
     out = []
     for c in range(1, spec.shape[1]):
         true = truth == c
@@ -88,11 +94,22 @@ def class_recall(
         out.append({
             "class": c, "voxels": n, "ema": share(spec.argmax(1)), "litemedsam": share(gen.argmax(1)),
             "kept_pseudo_label": share(pseudo, kept),
+            "kept_as_other": None if n == 0 else round(float((kept & true & (pseudo != c)).sum()) / n, 4),
         })  # fmt: skip
     return out
 
 
-def audit_variant(overrides: dict, images: torch.Tensor, labels: torch.Tensor) -> dict:
+def labelled_class_prior(parser, datalist: Path) -> torch.Tensor:
+    """Each class's share of the labelled training cases' voxels (the class guard's prior; in training
+    it is counted over the labelled batches)."""
+    entries = json.loads(datalist.read_text())["training"]
+    pairs = [{k: str((datalist.parent / e[k]).resolve()) for k in ("image", "label")} for e in entries]
+    _, labels = load_pairs(parser, pairs)
+    counts = torch.bincount(labels.long().flatten(), minlength=int(parser.get_parsed_content("num_classes")))
+    return counts.float() / counts.sum()
+
+
+def audit_variant(overrides: dict, images: torch.Tensor, labels: torch.Tensor, prior: torch.Tensor) -> dict:
     """Build stage 2 from the configs with ``overrides``, calibrate if asked, and audit its gate at the
     threshold schedule's first and last value."""
     from monai.bundle import ConfigParser
@@ -136,7 +153,7 @@ def audit_variant(overrides: dict, images: torch.Tensor, labels: torch.Tensor) -
     schedule = gate_schedule(gate, num_classes, ramp, ramped, keep_start, keep_end)
     for when, t in (("start", 0), ("end", ramp)):
         threshold = float(schedule(t))
-        gated = iteration.gate(spec, gen, threshold)
+        gated = iteration.gate(spec, gen, threshold, class_prior=prior, prior_probs=spec)
         # "confident" for both-confidently-wrong: under the entropy the gate keeps at; for a quantile gate,
         # the largest entropy it keeps
         kept_entropy = float(gated.entropy[gated.mask.bool()].max()) if gated.mask.any() else 0.0
@@ -170,8 +187,9 @@ def table(payload: dict) -> str:
     rows = [
         "| variant | kept % (fg) start / end | kept fg accuracy % start / end | rejected fg accuracy % start / end | "
         "EMA alone / LiteMedSAM alone fg accuracy % | from LiteMedSAM % of kept (end) | "
-        "both confidently wrong % of fg (end) | ECE near structures EMA / LiteMedSAM |",
-        "|---|---|---|---|---|---|---|---|",
+        "both confidently wrong % of fg (end) | each class kept as another % (end) | "
+        "ECE near structures EMA / LiteMedSAM |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for v in payload["variants"]:
         r, s, e = v["result"], v["result"]["start"], v["result"]["end"]
@@ -180,6 +198,7 @@ def table(payload: dict) -> str:
             f"{pct(e['kept_accuracy_fg'])} | {pct(s['rejected_accuracy_fg'])} / {pct(e['rejected_accuracy_fg'])} | "
             f"{pct(e['specialized_accuracy_fg'])} / {pct(e['generalized_accuracy_fg'])} | "
             f"{pct(e['from_generalized'])} | {pct(e.get('both_confidently_wrong_fg'))} | "
+            f"{' / '.join(pct(c.get('kept_as_other')) for c in e.get('class_recall', [])) or 'n/a'} | "
             f"{r['ece_near_structures']['specialized']:.3f} / {r['ece_near_structures']['generalized']:.3f} |"
         )
     temps = [v for v in payload["variants"] if "calibration" in v["result"]]
@@ -250,9 +269,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.get_parsed_content("embedded_data")  # the embedded generator writes its data (no-op otherwise)
     datalist = dataset / "datalist.json"
     images, labels = load_pairs(parser, hidden_label_pairs(datalist, args.images))
+    prior = labelled_class_prior(parser, datalist)
     variants = []
     for name, change in VARIANTS:
-        result = audit_variant({**overrides, **change}, images, labels)
+        result = audit_variant({**overrides, **change}, images, labels, prior)
         variants.append({"name": name, "overrides": change, "result": result})
         print(name, json.dumps(result["end"]))
     payload = {

@@ -61,6 +61,12 @@ METHODS = {
         "stage2": {"teachers": "both", "gate": "quantile", "disagreement": "mask"},
     },
     "uncol_calibrated": {"stage1": "both", "stage2": {"teachers": "both", "calibration": "temperature"}},
+    # the best gate, and where the labelled class prior expects a class only that class supervised (a
+    # class the teachers miss is not unlearned: Colin27 seed 2)
+    "uncol_quantile_agree_guarded": {
+        "stage1": "both",
+        "stage2": {"teachers": "both", "gate": "quantile", "disagreement": "mask", "class_guard": "prior"},
+    },
 }
 #: the methods a sweep runs unless --methods says otherwise (the ablation rows are asked for by name)
 DEFAULT_METHODS = ["supervised", "mean_teacher", "distilled_supervised", "uncol_generalized", "uncol"]
@@ -73,6 +79,7 @@ LABELS = {
     "uncol_quantile": "UnCoL + class-wise quantile gate",
     "uncol_quantile_agree": "UnCoL + quantile gate + disagreement masked",
     "uncol_calibrated": "UnCoL + temperature calibration",
+    "uncol_quantile_agree_guarded": "UnCoL + quantile gate + disagreement masked + class guard",
 }
 
 #: size and budget per setting: configs layered on train.json, dataset generator overrides, bundle

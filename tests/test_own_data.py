@@ -165,6 +165,7 @@ def test_own_3d_volumes_of_mixed_sizes_train_and_infer(tmp_path, monkeypatch):
         "teachers": "both",  # UnCoL's stage 2: LiteMedSAM slice by slice on the unlabelled patches
         "gate": "quantile",  # class-wise quantiles: keep_start (0.5) of each class's voxels at the start
         "disagreement": "mask",
+        "class_guard": "prior",  # where the labelled class shares expect a class, only it is supervised
         **TINY_RUN,
         "max_epochs": 1,
         "pretrain_epochs": 1,
@@ -177,7 +178,8 @@ def test_own_3d_volumes_of_mixed_sizes_train_and_infer(tmp_path, monkeypatch):
     assert warm_up in log.stdout + log.stderr
     shares = [float(v) for v in re.findall(r"gate_from_generalized: ([0-9.]+)", log.stdout + log.stderr)]
     kept = [float(v) for v in re.findall(r"gate_kept: ([0-9.]+)", log.stdout + log.stderr)]
-    assert len(shares) == 2 and len(kept) == 2  # one line per iteration
+    guarded = [float(v) for v in re.findall(r"gate_guarded: ([0-9.]+)", log.stdout + log.stderr)]
+    assert len(shares) == 2 and len(kept) == 2 and len(guarded) == 2  # one line per iteration
     # the gate keeps some voxels and rejects others: at most keep_start by the quantiles, fewer once the
     # voxels where the teachers disagree are masked too
     assert all(0.0 < k <= 0.55 for k in kept), kept

@@ -88,3 +88,28 @@ def test_disagreement_mask_drops_the_voxels_where_the_teachers_differ():
     assert torch.equal(decide.pseudo_label, masked.pseudo_label)
     with pytest.raises(ValueError, match="disagreement"):
         EntropyGate("both", disagreement="vote")
+
+
+def test_class_guard_abstains_where_the_prior_expects_a_class_the_pseudo_label_lacks():
+    from custom.losses.pseudo_label import expected_class_guard
+
+    # class 2 is never the argmax, but its probability is highest at voxels 1 and 3
+    spec = _probs([0.7, 0.2, 0.1], [0.5, 0.1, 0.4], [0.2, 0.7, 0.1], [0.4, 0.3, 0.3], [0.9, 0.05, 0.05])
+    pseudo = spec.argmax(1, keepdim=True)
+    prior = torch.tensor([0.6, 0.0, 0.4])  # ceil(0.4 * 5) = 2 voxels of class 2 expected; class 1 has none
+    assert expected_class_guard(spec, pseudo, prior).flatten().tolist() == [1, 0, 1, 0, 1]
+    # where the expected region is already labelled as the class, nothing is taken out
+    spec2 = _probs([0.1, 0.1, 0.8], [0.5, 0.1, 0.4], [0.2, 0.7, 0.1], [0.9, 0.05, 0.05])
+    allowed = expected_class_guard(spec2, spec2.argmax(1, keepdim=True), torch.tensor([0.75, 0.0, 0.25]))
+    assert allowed.flatten().tolist() == [1, 1, 1, 1]
+
+    gate = EntropyGate("specialized", "none", guard="prior")
+    result = gate(spec, None, threshold=0.0, class_prior=prior)
+    assert result.mask.flatten().tolist() == [1, 0, 1, 0, 1]
+    assert result.guarded.flatten().tolist() == [False, True, False, True, False]
+    assert result.stats()["gate_guarded"] == pytest.approx(0.4)
+    assert "gate_guarded" not in EntropyGate("specialized", "none")(spec, None, 0.0).stats()
+    with pytest.raises(ValueError, match="class_prior"):
+        gate(spec, None, threshold=0.0)
+    with pytest.raises(ValueError, match="guard"):
+        EntropyGate("both", guard="atlas")

@@ -1,5 +1,7 @@
 """Stage 2 pieces: the EMA teacher, the shared spatial augmentation, the two data streams."""
 
+import math
+
 import pytest
 import torch
 from conftest import CONFIGS, TINY_NET, configured
@@ -280,3 +282,22 @@ def test_a_gate_without_a_threshold_is_an_error_not_keep_nothing():
     trainer, *_ = _step_setup()
     with pytest.raises(RuntimeError, match="no threshold"):
         trainer.run()
+
+
+def test_class_guard_keeps_a_class_the_ema_teacher_never_predicts_out_of_the_wrong_pseudo_labels():
+    """The pixelwise EMA teacher never predicts class 2; with the guard, the unlabelled pixels where its
+    class-2 probability is highest (as many as the labelled batch's class-2 share) are not supervised."""
+    from custom.losses.pseudo_label import EntropyGate
+
+    trainer, step, ema, batch, seen, inputs = _step_setup()
+    step.gate = EntropyGate("specialized", "none", guard="prior")
+    trainer.run()
+    student_view = inputs[0][2:]
+    with torch.no_grad():
+        p2 = torch.softmax(ema(student_view), 1)[:, 2:3]
+    labels = batch["labelled"]["label"]
+    expected = math.ceil(float((labels == 2).float().mean()) * p2.numel())  # the prior from this batch alone
+    guarded = seen["mask"] == 0
+    assert int(guarded.sum()) == expected and 0 < expected < p2.numel()
+    assert float(p2[guarded].min()) >= float(p2[~guarded].max())  # exactly the most class-2-like pixels
+    assert trainer.state.output[0]["gate_guarded"] == pytest.approx(expected / p2.numel())  # decollated: per item

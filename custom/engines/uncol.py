@@ -224,6 +224,8 @@ class SemiSupervisedIteration:
         #: (``PseudoLabelCoverage`` reads them: a class the pseudo-labels never contain is being unlearned)
         self.kept_class_voxels: torch.Tensor | None = None
         self.labelled_class_voxels: torch.Tensor | None = None
+        #: voxels per class of every labelled batch so far (never reset): the class guard's prior
+        self.labelled_class_total: torch.Tensor | None = None
 
     @torch.no_grad()
     def teacher_probs(self, weak: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -246,6 +248,11 @@ class SemiSupervisedIteration:
         # on the batch's device: read (and synchronised) once an epoch by the handler, not every step
         kept_counts = torch.bincount(kept.long().flatten(), minlength=num_classes)
         labelled_counts = torch.bincount(labels.long().flatten(), minlength=num_classes)
+        self.labelled_class_total = (
+            labelled_counts.clone()
+            if self.labelled_class_total is None
+            else self.labelled_class_total + labelled_counts
+        )
         if self.kept_class_voxels is None or self.labelled_class_voxels is None:
             self.kept_class_voxels, self.labelled_class_voxels = kept_counts, labelled_counts
         else:
@@ -295,7 +302,15 @@ class SemiSupervisedIteration:
 
         reused_before = self.generalized_reused
         spec, gen = self.teacher_probs(weak)
-        gated = self.gate(spec if self.gate.teachers != "generalized" else None, gen, threshold)
+        prior = None
+        if self.gate.guard != "none":  # this batch's labels count towards the prior before it is used
+            total = torch.bincount(labels.long().flatten(), minlength=spec.shape[1])
+            if self.labelled_class_total is not None:
+                total = total + self.labelled_class_total
+            prior = total.float() / total.sum()
+        gated = self.gate(
+            spec if self.gate.teachers != "generalized" else None, gen, threshold, class_prior=prior, prior_probs=spec
+        )
         self._count_classes(gated.pseudo_label[gated.mask.bool()], labels, spec.shape[1])
         strong, pseudo, mask = random_flip_rot90(
             [strong, gated.pseudo_label.float(), gated.mask], generator=self.generator

@@ -7,6 +7,13 @@ UA-MT's rule) or, with ``gate="quantile"``, the fraction of each pseudo-class's 
 class, the voxels with the lowest entropy in the batch (self-adaptive: informative for any number of
 classes and however confident the teachers are). Where the teachers disagree on the class,
 ``disagreement="mask"`` drops the voxel instead of letting the lower entropy decide.
+
+``guard="prior"`` keeps a class the teachers miss from being unlearned: when neither teacher labels a
+class on the unlabelled images, every kept voxel there says "another class", and the student
+unlearns it (Colin27, seed 2: results.md). With the labelled data's class fractions as a prior, the
+voxels where the EMA teacher's probability of class ``c`` is highest (as many as the prior expects of
+``c`` in the batch) are not supervised as another class: where a class is expected, the pseudo-labels
+abstain unless they say that class.
 """
 
 from __future__ import annotations
@@ -22,6 +29,29 @@ from monai.losses import MaskedDiceLoss
 TEACHER_MODES = ("both", "specialized", "generalized")
 GATE_MODES = ("entropy", "quantile", "none")
 DISAGREEMENT_MODES = ("entropy", "mask")
+GUARD_MODES = ("none", "prior")
+
+
+def expected_class_guard(
+    specialized: torch.Tensor, pseudo_label: torch.Tensor, class_prior: torch.Tensor
+) -> torch.Tensor:
+    """0 where a foreground class is expected but the pseudo-label is another class, else 1.
+
+    ``specialized``: ``(B, C, *S)`` the EMA teacher's class probabilities; ``pseudo_label``: ``(B, 1, *S)``;
+    ``class_prior``: ``(C,)`` each class's share of the labelled voxels. For every foreground class ``c``
+    with a prior ``f_c > 0``, its expected region is the ``ceil(f_c * N)`` voxels of the batch (``N``
+    voxels) with the highest probability of ``c``; its voxels whose pseudo-label is not ``c`` are guarded."""
+    allowed = torch.ones_like(pseudo_label, dtype=specialized.dtype)
+    total = pseudo_label.numel()
+    for c in range(1, specialized.shape[1]):
+        share = float(class_prior[c])
+        if share <= 0.0:
+            continue
+        k = min(total, math.ceil(round(share * total, 6)))  # 0.4 * 5 is 2, not 3
+        probs = specialized[:, c : c + 1]
+        cutoff = probs.flatten().topk(k).values[-1]
+        allowed[(probs >= cutoff) & (pseudo_label != c)] = 0.0
+    return allowed
 
 
 def classwise_quantile_mask(entropy: torch.Tensor, pseudo_label: torch.Tensor, keep: float) -> torch.Tensor:
@@ -52,17 +82,22 @@ class GateResult:
     mask: torch.Tensor  # (B, 1, *S) float, 1 where supervised
     from_generalized: torch.Tensor  # (B, 1, *S) bool, where the generalized teacher supplied the label
     entropy: torch.Tensor  # (B, 1, *S) entropy of the chosen teacher
+    guarded: torch.Tensor | None = None  # (B, 1, *S) bool, voxels the class guard took out (None: no guard)
 
     def stats(self) -> dict[str, float]:
-        """Fraction of voxels kept, and of the kept voxels the fraction each teacher supplied."""
+        """Fraction of voxels kept, of the kept voxels the fraction each teacher supplied, and (with the
+        class guard) the fraction of voxels it took out."""
         kept = self.mask.sum()
         from_gen = (self.from_generalized.float() * self.mask).sum()
         frac_gen = float(from_gen / kept) if kept > 0 else 0.0
-        return {
+        stats = {
             "gate_kept": float(self.mask.mean()),
             "gate_from_generalized": frac_gen,
             "gate_from_specialized": (1.0 - frac_gen) if kept > 0 else 0.0,
         }
+        if self.guarded is not None:
+            stats["gate_guarded"] = float(self.guarded.float().mean())
+        return stats
 
 
 class EntropyGate:
@@ -74,23 +109,38 @@ class EntropyGate:
             the fraction of each pseudo-class's voxels kept, those of lowest entropy) or ``none`` (keep all).
         disagreement: with both teachers, where their classes differ: ``entropy`` (the lower entropy
             decides, then the gate) or ``mask`` (not supervised).
+        guard: ``prior``: where the EMA teacher's probability of a class is among the highest that the
+            labelled class prior (``class_prior`` of the call) expects, only that class is supervised
+            (:func:`expected_class_guard`); ``none``: off.
     """
 
-    def __init__(self, teachers: str = "both", gate: str = "entropy", disagreement: str = "entropy") -> None:
+    def __init__(
+        self, teachers: str = "both", gate: str = "entropy", disagreement: str = "entropy", guard: str = "none"
+    ) -> None:
         if teachers not in TEACHER_MODES:
             raise ValueError(f"teachers must be one of {TEACHER_MODES}, got {teachers!r}")
         if gate not in GATE_MODES:
             raise ValueError(f"gate must be one of {GATE_MODES}, got {gate!r}")
         if disagreement not in DISAGREEMENT_MODES:
             raise ValueError(f"disagreement must be one of {DISAGREEMENT_MODES}, got {disagreement!r}")
+        if guard not in GUARD_MODES:
+            raise ValueError(f"guard must be one of {GUARD_MODES}, got {guard!r}")
         self.teachers = teachers
         self.gate = gate
         self.disagreement = disagreement
+        self.guard = guard
 
     def __call__(
-        self, specialized: torch.Tensor | None, generalized: torch.Tensor | None, threshold: float
+        self,
+        specialized: torch.Tensor | None,
+        generalized: torch.Tensor | None,
+        threshold: float,
+        class_prior: torch.Tensor | None = None,
+        prior_probs: torch.Tensor | None = None,
     ) -> GateResult:
-        """``(B, C, *S)`` class probabilities of each teacher (None for an unused one)."""
+        """``(B, C, *S)`` class probabilities of each teacher (None for an unused one). The class guard
+        needs ``class_prior`` (``(C,)``) and reads ``prior_probs`` (default: ``specialized``), the EMA
+        teacher's probabilities, which exist even when only the generalized teacher labels."""
         ent_s = shannon_entropy(specialized) if specialized is not None else None
         ent_g = shannon_entropy(generalized) if generalized is not None else None
         if self.teachers == "both":
@@ -112,7 +162,15 @@ class EntropyGate:
             mask = torch.ones_like(entropy)
         if self.teachers == "both" and self.disagreement == "mask":
             mask = mask * (specialized.argmax(1, keepdim=True) == generalized.argmax(1, keepdim=True)).float()
-        return GateResult(pseudo_label, mask, use_gen, entropy)
+        guarded = None
+        if self.guard == "prior":
+            probs_for_prior = prior_probs if prior_probs is not None else specialized
+            if class_prior is None or probs_for_prior is None:
+                raise ValueError("guard='prior' needs class_prior and the EMA teacher's probabilities")
+            allowed = expected_class_guard(probs_for_prior, pseudo_label, class_prior)
+            guarded = (allowed == 0) & (mask > 0)
+            mask = mask * allowed
+        return GateResult(pseudo_label, mask, use_gen, entropy, guarded)
 
 
 class PseudoLabelLoss(nn.Module):

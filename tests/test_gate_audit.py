@@ -1,0 +1,37 @@
+"""The gate audit's per-class scores and its table (bench/gate_audit.py)."""
+
+import json
+
+import torch
+
+from bench.gate_audit import ROOT, class_recall, table
+
+
+def test_class_recall_counts_each_class_found_and_kept_as_another():
+    truth = torch.tensor([[0, 1, 1, 2, 2, 2]])
+    spec = torch.nn.functional.one_hot(torch.tensor([[0, 1, 0, 1, 1, 0]]), 3).permute(0, 2, 1).float()
+    gen = torch.nn.functional.one_hot(torch.tensor([[0, 1, 1, 2, 0, 0]]), 3).permute(0, 2, 1).float()
+    pseudo = torch.tensor([[0, 1, 1, 1, 0, 2]])
+    kept = torch.tensor([[True, True, False, True, True, False]])
+    one, two = class_recall(spec, gen, pseudo, kept, truth)
+    assert one == {
+        "class": 1,
+        "voxels": 2,
+        "ema": 0.5,
+        "litemedsam": 1.0,
+        "kept_pseudo_label": 0.5,
+        "kept_as_other": 0.0,
+    }
+    # class 2: the EMA teacher never calls it, two of its three voxels are kept as class 1 or background
+    assert two["ema"] == 0.0 and two["litemedsam"] == round(1 / 3, 4)
+    assert two["kept_pseudo_label"] == 0.0 and two["kept_as_other"] == round(2 / 3, 4)
+
+
+def test_committed_audit_rebuilds_with_n_a_where_a_score_was_not_recorded():
+    payload = json.loads((ROOT / "bundle" / "docs" / "results" / "gate_audit_colin27.json").read_text())
+    rows = table(payload).splitlines()
+    assert len(rows) >= 2 + len(payload["variants"])
+    assert all(row.count("|") == rows[0].count("|") for row in rows[: 2 + len(payload["variants"])])
+    header = [c.strip() for c in rows[0].split("|")]
+    column = header.index("each class kept as another % (end)")
+    assert rows[2].split("|")[column].strip() == "n/a"  # recorded before per-class scores existed
