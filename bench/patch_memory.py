@@ -59,6 +59,16 @@ class PeakRSS:
         self.peak = max(self.peak, rss_mb())
 
 
+def fresh_process(cmd: list[str], what: str) -> dict:
+    """Run ``cmd`` (this script with ``--one ...``) in a new process and return the JSON it printed
+    after ``RESULT``; exit with its error output if it failed."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.exit(f"{Path(cmd[1]).stem}: {what} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
 def one_size(shape: tuple[int, ...], roi: list[int], teachers: str, steps: int) -> dict:
     """Build stage 2 on volumes of ``shape`` and time ``steps`` iterations (this process)."""
     import torch
@@ -129,11 +139,7 @@ def main() -> None:
     for size in args.sizes:
         cmd = [sys.executable, __file__, "--one", size, "--roi", *map(str, args.roi), "--teachers", args.teachers]
         cmd += ["--steps", str(args.steps)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            sys.exit(f"patch_memory: size {size} failed:\n{proc.stderr[-3000:]}")
-        runs.append(json.loads(lines[-1][len("RESULT ") :]))
+        runs.append(fresh_process(cmd, f"size {size}"))
         print(json.dumps(runs[-1]))
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {
