@@ -139,3 +139,28 @@ def test_committed_short_2d_table_is_rebuilt_from_its_run_jsons(tmp_path):
     assert len(rebuilt) == 2 * 2 + 2 * 13  # two tables: header rows + 13 (fraction, method) rows each
     assert rebuilt == table_rows((docs / "results.md").read_text())
     assert "--setting 2d_short" in page.read_text()
+
+
+def test_each_sweep_budget_is_past_its_full_supervision_plateau():
+    """The budget rule: every method sees at least as many labelled samples (stage 1's batches, then
+    stage 2's labelled batches) as full supervision needed, in the setting's committed learning curve,
+    to reach the point from which its validation Dice is flat on every class."""
+    from bench.real_report import plateau_epoch
+    from bench.sweep import SETTINGS
+
+    train = json.loads((ROOT / "bundle" / "configs" / "train.json").read_text())
+    curves = ROOT / "bundle" / "docs" / "results" / "real"
+
+    def samples(setting: str) -> int:
+        spec = SETTINGS[setting]
+        stage1 = spec["bundle"].get("pretrain_batch_size", train["pretrain_batch_size"])
+        stage2 = spec["bundle"].get("batch_size", train["batch_size"])
+        return spec["epochs"] * 25 * (stage1 + stage2)
+
+    def needed(curve: str) -> int:
+        result = json.loads((curves / f"learning_curve_{curve}.json").read_text())
+        return plateau_epoch(result["validation"]) * result["iterations_per_epoch"] * result["batch_size"]
+
+    for setting, curve in (("2d", "embedded2d"), ("colin27", "colin27")):
+        assert samples(setting) >= needed(curve), (setting, samples(setting), needed(curve))
+    assert samples("2d_short") < needed("embedded2d")  # the short sweep stopped well before it
