@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -89,7 +90,7 @@ def main() -> None:
     result = {
         "command": "python bench/targets_memory.py " + " ".join(sys.argv[1:]),
         "commit": commit(),
-        "machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} CPU cores",
+        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores",
         "runs": runs,
     }
     out = Path(args.out)

@@ -244,20 +244,17 @@ class SemiSupervisedIteration:
                 gen = self._generalized_probs(weak, self.generalized.make_prompts(spec)).to(spec)
         return spec, gen
 
-    def _count_classes(self, kept: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+    def _count_labelled(self, labels: torch.Tensor, num_classes: int) -> None:
         # on the batch's device: read (and synchronised) once an epoch by the handler, not every step
-        kept_counts = torch.bincount(kept.long().flatten(), minlength=num_classes)
-        labelled_counts = torch.bincount(labels.long().flatten(), minlength=num_classes)
-        self.labelled_class_total = (
-            labelled_counts.clone()
-            if self.labelled_class_total is None
-            else self.labelled_class_total + labelled_counts
+        counts = torch.bincount(labels.long().flatten(), minlength=num_classes)
+        self.labelled_class_voxels = (
+            counts if self.labelled_class_voxels is None else self.labelled_class_voxels + counts
         )
-        if self.kept_class_voxels is None or self.labelled_class_voxels is None:
-            self.kept_class_voxels, self.labelled_class_voxels = kept_counts, labelled_counts
-        else:
-            self.kept_class_voxels += kept_counts
-            self.labelled_class_voxels += labelled_counts
+        self.labelled_class_total = counts if self.labelled_class_total is None else self.labelled_class_total + counts
+
+    def _count_kept(self, kept: torch.Tensor, num_classes: int) -> None:
+        counts = torch.bincount(kept.long().flatten(), minlength=num_classes)
+        self.kept_class_voxels = counts if self.kept_class_voxels is None else self.kept_class_voxels + counts
 
     def forget_generalized(self) -> None:
         """Drop the stored generalized-teacher outputs (they are stale once its mask temperature changes)."""
@@ -302,16 +299,14 @@ class SemiSupervisedIteration:
 
         reused_before = self.generalized_reused
         spec, gen = self.teacher_probs(weak)
-        prior = None
-        if self.gate.guard != "none":  # this batch's labels count towards the prior before it is used
-            total = torch.bincount(labels.long().flatten(), minlength=spec.shape[1])
-            if self.labelled_class_total is not None:
-                total = total + self.labelled_class_total
-            prior = total.float() / total.sum()
+        self._count_labelled(labels, spec.shape[1])  # this batch counts towards the guard's prior before it is used
+        prior = (
+            None if self.gate.guard == "none" else self.labelled_class_total.float() / self.labelled_class_total.sum()
+        )
         gated = self.gate(
             spec if self.gate.teachers != "generalized" else None, gen, threshold, class_prior=prior, prior_probs=spec
         )
-        self._count_classes(gated.pseudo_label[gated.mask.bool()], labels, spec.shape[1])
+        self._count_kept(gated.pseudo_label[gated.mask.bool()], spec.shape[1])
         strong, pseudo, mask = random_flip_rot90(
             [strong, gated.pseudo_label.float(), gated.mask], generator=self.generator
         )
