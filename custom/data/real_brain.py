@@ -12,12 +12,15 @@ left and right merged):
   itself (hemisphere sides, presence, relative positions of the nuclei).
 
 Every axial slice through the nuclei (plus a margin) becomes one 2D case on the native in-plane grid,
-with mild Rician noise and a smooth bias field drawn per slice. One contiguous slab of slices is the
-test split, another the validation split, and the slices next to each (``GAP_MM`` either side) are
-dropped, so no training slice is a near-copy of an evaluation slice. The slabs are placed by each
-class's pixel mass along z (:func:`plan_slices`), so that the training pool keeps at least
-``TRAIN_SHARE_MIN`` of every class's pixels, including slices where the class is as large as in the
-test slab. ``bundle/docs/real_data.md`` describes the data, the split rule, its licences and how to
+with mild Rician noise and a smooth bias field drawn per slice. Colin27: one contiguous slab of
+slices is the test split, another the validation split; macaque: single evaluation slices
+interleaved through the nuclei, alternately test and validation (its band where all three lie is
+too short for two slabs and their gaps: see :data:`TASKS`). The slices next to every evaluation
+slice (the task's ``gap_mm`` either side) are dropped, so no training slice is a near-copy of an
+evaluation slice. The placement follows each class's pixel mass along z (:func:`plan_slices`), so
+that the training pool keeps at least ``TRAIN_SHARE_MIN`` of every class's pixels, including slices
+where the class is as large as in the test split. ``bundle/docs/real_data.md`` describes the data,
+the split rule, its licences and how to
 train the bundle on it.
 
 The same parameters and source files give byte-identical outputs. Run
@@ -50,11 +53,12 @@ SYSTEM_TEMPLATES = Path("/usr/share/mricron/templates")
 #: environment variable naming a folder with the templates (checked after an explicit ``source``)
 SOURCE_ENV = "UNCOL_MRICRON_TEMPLATES"
 #: bump when the preparation changes, so existing outputs are regenerated
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 #: slices are kept from the first to the last one holding a class, widened by this much either side
 MARGIN_MM = 3.0
-#: slices this close to the test or validation slab (either side) are used nowhere (at least one slice)
+#: slices this close to a test or validation slice (either side) are used nowhere (at least one slice);
+#: a task may set its own (``Task.gap_mm``)
 GAP_MM = 1.0
 #: a class counts as present in a slice from this area on (5 px at 1 mm, 20 px at 0.5 mm)
 MIN_AREA_MM2 = 5.0
@@ -67,6 +71,11 @@ TEST_FRACTION = 0.25
 VALIDATION_FRACTION = 0.15
 #: neither slab is thinner than this
 MIN_SLAB_SLICES = 3
+#: interleaved layout: training slices between the gaps of two neighbouring evaluation slices (with one
+#: gap slice, two keep the pool's share of every class at TRAIN_SHARE_MIN), and the fewest slices in
+#: each split
+INTERLEAVED_TRAIN_SLICES = 2
+MIN_INTERLEAVED_SLICES = 3
 #: every class keeps at least this share of its pixels (over the kept slices) in the training pool
 TRAIN_SHARE_MIN = 0.40
 #: ... and at least LARGE_SLICES_MIN pool slices where it covers LARGE_FRACTION of its median test-slab area
@@ -134,6 +143,12 @@ class Task:
     slab_slices: tuple[int, int] | None = None
     #: weight of the validation share against the test share when placing the slabs
     validation_weight: float = 2.0
+    #: "slabs": one contiguous test and one validation slab; "interleaved": single evaluation slices
+    #: through the nuclei, ``INTERLEAVED_TRAIN_SLICES`` training slices between the gaps of two of
+    #: them, alternately test and validation
+    layout: str = "slabs"
+    #: anatomy left out either side of an evaluation slice
+    gap_mm: float = GAP_MM
 
 
 TASKS = {
@@ -160,10 +175,15 @@ TASKS = {
             ),
         },
         description="INIA19 rhesus macaque T1 with NeuroMaps deep grey nuclei, axial 2D slices at 0.5 mm",
-        # the three nuclei overlap in a short axial band (caudate large above it, lentiform below):
-        # 4 + 3 slices by the fractions left the validation slab with 4.6 % of the lentiform at the
-        # edge of its extent; two equal 3-slice slabs weighted alike give both slabs every class's core
-        slab_slices=(3, 3),
+        # the three nuclei overlap in one short axial band (k57-73, 8.5 mm; caudate large above it,
+        # lentiform below): two 3-slice slabs and their gaps took 12 of its 17 slices, so training
+        # never saw the held-out levels and full supervision lost them (results.md). Single evaluation
+        # slices interleaved with training slices leave the pool every level of the band. The gap is
+        # Colin27's 1 mm scaled to the brain: a rhesus brain is about 2.5 times smaller along each axis
+        # (about 90 ml against 1,300), so 0.5 mm (one slice) here; the nearest training slice is 1 mm
+        # away, about 2.5 mm of human anatomy (Colin27: 2 mm).
+        layout="interleaved",
+        gap_mm=0.5,
         validation_weight=1.0,
     ),
 }
@@ -386,15 +406,16 @@ def _slab_size(fraction: float, length: int) -> int:
     return max(MIN_SLAB_SLICES, int(math.floor(fraction * length + 0.5)))
 
 
-def gap_slices(slice_mm: float) -> int:
-    """Slices either side of an evaluation slab left out: at least ``GAP_MM`` of anatomy (1 at 1 mm, 2 at 0.5 mm)."""
-    return max(1, math.ceil(GAP_MM / slice_mm - 1e-6))
+def gap_slices(slice_mm: float, gap_mm: float = GAP_MM) -> int:
+    """Slices either side of an evaluation slice left out: at least ``gap_mm`` of anatomy (for 1 mm:
+    1 slice at 1 mm, 2 at 0.5 mm), at least one."""
+    return max(1, math.ceil(gap_mm / slice_mm - 1e-6))
 
 
 def _layout(lo: int, hi: int, test: list[int], validation: list[int], gap: int) -> tuple[list[int], list[int]]:
-    """(gap slices, training pool) of the kept slices ``lo..hi`` once the two slabs are taken out."""
+    """(gap slices, training pool) of the kept slices ``lo..hi`` once the evaluation slices are taken out."""
     held = set(test) | set(validation)
-    near = {z for slab in (test, validation) for z in range(slab[0] - gap, slab[-1] + gap + 1)}
+    near = {z + d for z in held for d in range(-gap, gap + 1)}
     gaps = sorted(z for z in near - held if lo <= z <= hi)
     pool = [z for z in range(lo, hi + 1) if z not in near]
     return gaps, pool
@@ -406,6 +427,8 @@ def plan_slices(
     min_pixels: float,
     slab_slices: tuple[int, int] | None = None,
     validation_weight: float = 2.0,
+    layout: str = "slabs",
+    gap_mm: float = GAP_MM,
 ) -> dict:
     """Split axial slice indices into test, validation, gap and training pool by each class's pixel mass.
 
@@ -423,6 +446,13 @@ def plan_slices(
     slices with ``LARGE_FRACTION`` of its median test-slab area are admissible; among them the one
     with the largest ``min(smallest class share in test, validation_weight * smallest class share in
     validation)`` is taken, ties going to the larger smallest training share, then to the lower slices.
+
+    ``layout="interleaved"``: instead of two slabs, the evaluation slices are every
+    ``2 * gap + 1 + INTERLEAVED_TRAIN_SLICES``-th slice (at each offset) among the slices holding any
+    class, alternately test and validation (either first), so each has its gaps and training slices
+    on either side and the splits sample every level of the nuclei (a class is scored on the slices
+    that hold it); offsets and orders are ranked by the same constraints and key, with at least
+    ``MIN_INTERLEAVED_SLICES`` slices in each split.
     """
     area = np.asarray(area, dtype=np.float64)
     present = area >= min_pixels
@@ -438,7 +468,7 @@ def plan_slices(
         raise _fail("no slice holds all classes, so a test slab cannot contain every class")
     f0, f1 = max(runs, key=lambda r: (r[1] - r[0], -r[0]))
     length = f1 - f0 + 1
-    gap = gap_slices(slice_mm)
+    gap = gap_slices(slice_mm, gap_mm)
     n_test, n_val = slab_slices or (_slab_size(TEST_FRACTION, length), _slab_size(VALIDATION_FRACTION, length))
     total = area[lo : hi + 1].sum(0)
     core = CORE_FRACTION * np.array([np.median(col[col >= min_pixels]) for col in area[lo : hi + 1].T])
@@ -446,28 +476,49 @@ def plan_slices(
     def starts(n: int) -> list[int]:
         return [s for s in range(lo, hi - n + 2) if every[s : s + n].all()]
 
+    def scored_median(zs: list[int]) -> np.ndarray:
+        """Each class's median area over the slices of ``zs`` that hold it (where it is scored), 0 if none."""
+        return np.array([np.median(a[a >= min_pixels]) if (a >= min_pixels).any() else 0.0 for a in area[zs].T])
+
+    def candidates():
+        """(test, validation) placements, lower slices first (the order ties are broken in)."""
+        if layout == "interleaved":
+            period = 2 * gap + 1 + INTERLEAVED_TRAIN_SLICES
+            for offset in range(period):
+                held = [z for z in range(lo, hi + 1) if present[z].any() and (z - lo) % period == offset]
+                yield held[0::2], held[1::2]
+                yield held[1::2], held[0::2]
+            return
+        for t0 in starts(n_test):
+            for v0 in starts(n_val):
+                if v0 >= t0 + n_test + gap or v0 + n_val + gap <= t0:
+                    yield list(range(t0, t0 + n_test)), list(range(v0, v0 + n_val))
+
+    fewest = MIN_INTERLEAVED_SLICES if layout == "interleaved" else MIN_SLAB_SLICES
     best = None
-    for t0 in starts(n_test):
-        test = list(range(t0, t0 + n_test))
+    for test, validation in candidates():
+        if min(len(test), len(validation)) < fewest:
+            continue
         test_share = area[test].sum(0) / total
-        large = LARGE_FRACTION * np.median(area[test], 0)
-        for v0 in starts(n_val):
-            if not (v0 >= t0 + n_test + gap or v0 + n_val + gap <= t0):
-                continue
-            validation = list(range(v0, v0 + n_val))
-            gaps, pool = _layout(lo, hi, test, validation, gap)
-            train_share = area[pool].sum(0) / total
-            if (train_share < TRAIN_SHARE_MIN).any() or ((area[pool] >= large).sum(0) < LARGE_SLICES_MIN).any():
-                continue
-            if (np.median(area[test], 0) < core).any() or (np.median(area[validation], 0) < core).any():
-                continue
-            val_share = area[validation].sum(0) / total
-            key = (min(float(test_share.min()), validation_weight * float(val_share.min())), float(train_share.min()))
-            if best is None or key > best[0]:
-                best = (key, test, validation, gaps, pool)
+        large = LARGE_FRACTION * scored_median(test)
+        gaps, pool = _layout(lo, hi, test, validation, gap)
+        train_share = area[pool].sum(0) / total
+        if (train_share < TRAIN_SHARE_MIN).any() or ((area[pool] >= large).sum(0) < LARGE_SLICES_MIN).any():
+            continue
+        if (scored_median(test) < core).any() or (scored_median(validation) < core).any():
+            continue
+        val_share = area[validation].sum(0) / total
+        key = (min(float(test_share.min()), validation_weight * float(val_share.min())), float(train_share.min()))
+        if best is None or key > best[0]:
+            best = (key, test, validation, gaps, pool)
     if best is None:
+        what = (
+            f"interleaved test and validation slices (at least {fewest} each)"
+            if layout == "interleaved"
+            else f"a {n_test}-slice test and a {n_val}-slice validation slab"
+        )
         raise _fail(
-            f"no placement of a {n_test}-slice test and a {n_val}-slice validation slab (each slice with every class, "
+            f"no placement of {what} (each slice with every class, "
             f"{gap} gap slice{'s' if gap > 1 else ''} either side) leaves every class "
             f"{TRAIN_SHARE_MIN:.0%} of its pixels and "
             f"{LARGE_SLICES_MIN} large slices in training, and both slabs every class's core"
@@ -481,6 +532,8 @@ def plan_slices(
         "used": [lo, hi],
         "all_classes": [[int(a), int(b)] for a, b in runs],
         "score": round(score, 4),
+        "layout": layout,
+        "gap_slices": gap,
     }
 
 
@@ -606,13 +659,16 @@ def _generator(task: Task, labelled_fraction: float, seed: int, digests: dict[st
         "seed": seed,
         "format_version": FORMAT_VERSION,
         "margin_mm": MARGIN_MM,
-        "gap_mm": GAP_MM,
+        "gap_mm": task.gap_mm,
+        "layout": task.layout,
         "min_area_mm2": MIN_AREA_MM2,
         "noise_fraction": NOISE_FRACTION,
         "bias_amplitude": BIAS_AMPLITUDE,
         "test_fraction": TEST_FRACTION,
         "validation_fraction": VALIDATION_FRACTION,
         "min_slab_slices": MIN_SLAB_SLICES,
+        "interleaved_train_slices": INTERLEAVED_TRAIN_SLICES,
+        "min_interleaved_slices": MIN_INTERLEAVED_SLICES,
         "train_share_min": TRAIN_SHARE_MIN,
         "large_slices_min": LARGE_SLICES_MIN,
         "large_fraction": LARGE_FRACTION,
@@ -708,7 +764,7 @@ def _write(out: Path, spec: Task, src: Path, names: dict[int, str], names_from: 
     min_pixels = MIN_AREA_MM2 / (spacing[0] * spacing[1])
     area = np.stack([(label == c).sum((0, 1)) for c in sorted(chosen)], 1)
     present = area >= min_pixels
-    plan = plan_slices(area, spacing[2], min_pixels, spec.slab_slices, spec.validation_weight)
+    plan = plan_slices(area, spacing[2], min_pixels, spec.slab_slices, spec.validation_weight, spec.layout, spec.gap_mm)
     seed = generator["seed"]
     labelled = choose_labelled(
         plan["pool"], present, generator["labelled_fraction"], np.random.default_rng([seed, _TASK_STREAM[spec.key], 0])
@@ -738,6 +794,10 @@ def _write(out: Path, spec: Task, src: Path, names: dict[int, str], names_from: 
     def span(zs: list[int]) -> list[int]:
         return [int(min(zs)), int(max(zs))] if zs else []
 
+    def where(zs: list[int]) -> list[int]:
+        """A slab as its first and last slice, interleaved slices one by one."""
+        return span(zs) if spec.layout == "slabs" else [int(z) for z in zs]
+
     stats = split_stats(
         area,
         {
@@ -756,7 +816,7 @@ def _write(out: Path, spec: Task, src: Path, names: dict[int, str], names_from: 
         "name": f"UnCoL real brain nuclei 2D ({spec.key})",
         "description": (
             f"{spec.description}; classes by region name ({names_from}); {len(splits['test'])} test slices "
-            f"z {span(plan['test'])}, {len(splits['validation'])} validation z {span(plan['validation'])}, "
+            f"z {where(plan['test'])}, {len(splits['validation'])} validation z {where(plan['validation'])}, "
             f"gap slices {plan['gap']} unused; Rician noise {NOISE_FRACTION:g} and bias field "
             f"{BIAS_AMPLITUDE:g} per slice. Made by custom.data.real_brain from Debian's {PACKAGE} templates; "
             "see bundle/docs/real_data.md for licences and attribution."
@@ -777,9 +837,11 @@ def _write(out: Path, spec: Task, src: Path, names: dict[int, str], names_from: 
         },
         "slabs": {
             "used": plan["used"],
-            "test": span(plan["test"]),
-            "validation": span(plan["validation"]),
+            "layout": plan["layout"],
+            "test": where(plan["test"]),
+            "validation": where(plan["validation"]),
             "gap": plan["gap"],
+            "gap_slices": plan["gap_slices"],
             "slice_mm": spacing[2],
             "all_classes": plan["all_classes"],
             "score": plan["score"],
