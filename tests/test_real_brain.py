@@ -79,6 +79,11 @@ def _atlas_totals(source: Path, d: dict) -> np.ndarray:
     return np.array([np.isin(atlas, d["source"]["label_values"][c]).sum() for c in CLASSES], dtype=np.int64)
 
 
+def _scored_median(areas: np.ndarray, min_pixels: float) -> np.ndarray:
+    """Each class's median area over the slices that hold it (where its Dice is scored)."""
+    return np.array([np.median(a[a >= min_pixels]) for a in areas.T])
+
+
 def _world_z(path: Path) -> float:
     """The slice's superior-inferior position (mm), from the 2D image's affine."""
     return float(nib.load(path).affine[2, 3])
@@ -119,9 +124,15 @@ def test_every_class_is_in_the_test_split_and_the_labelled_slices(prepared, task
             label = np.asanyarray(nib.load(path.parent / entry["label"]).dataobj)
             values |= set(np.unique(label).tolist())
         assert values == {0, 1, 2, 3}, (key, values)
-    # each test and validation slice holds every class (both slabs lie where all three nuclei are cut)
-    for entry in d["test"] + d["validation"]:
-        assert set(np.unique(np.asanyarray(nib.load(path.parent / entry["label"]).dataobj))) == {0, 1, 2, 3}
+    if d["slabs"]["layout"] == "slabs":
+        # each test and validation slice holds every class (both slabs lie where all three nuclei are cut)
+        for entry in d["test"] + d["validation"]:
+            assert set(np.unique(np.asanyarray(nib.load(path.parent / entry["label"]).dataobj))) == {0, 1, 2, 3}
+    else:
+        # interleaved slices sample every level of the nuclei: each class is scored on a few of them
+        for key in ("test", "validation"):
+            present = (_areas(path.parent, d[key]) >= stats_min_pixels(d)).sum(0)
+            assert (present >= real_brain.MIN_INTERLEAVED_SLICES).all(), (key, present)
 
 
 @pytest.mark.parametrize("task", sorted(EXPECTED))
@@ -134,7 +145,7 @@ def test_the_training_pool_keeps_every_class_and_its_large_slices(source, prepar
     pool = _areas(path.parent, d["training"] + d["unlabeled"])
     test = _areas(path.parent, d["test"])
     share = pool.sum(0) / total
-    large = (pool >= LARGE * np.median(test, 0)).sum(0)
+    large = (pool >= LARGE * _scored_median(test, stats_min_pixels(d))).sum(0)
     for k, name in enumerate(CLASSES):
         assert share[k] >= TRAIN_SHARE, (name, round(float(share[k]), 3))
         assert large[k] >= N_LARGE, (name, int(large[k]))
@@ -144,8 +155,16 @@ def test_the_training_pool_keeps_every_class_and_its_large_slices(source, prepar
     # a slice against 839 in test)
     val = _areas(path.parent, d["validation"])
     assert (test.sum(0) / total).min() >= 0.07 and (val.sum(0) / total).min() >= 0.07
-    for a, b in ((test, val), (val, test)):
-        assert (np.median(a, 0) >= 0.5 * np.median(b, 0)).all(), (np.median(test, 0), np.median(val, 0))
+    if d["slabs"]["layout"] == "slabs":
+        for a, b in ((test, val), (val, test)):
+            assert (np.median(a, 0) >= 0.5 * np.median(b, 0)).all(), (np.median(test, 0), np.median(val, 0))
+    else:
+        # interleaved slices sample each class from its fringes to its core, so their medians differ by
+        # which levels fell to which split; each split must still score every class's core at least once
+        kept = _areas(path.parent, d["training"] + d["unlabeled"] + d["validation"] + d["test"])
+        core = real_brain.CORE_FRACTION * _scored_median(kept, stats_min_pixels(d))
+        for key, areas in (("test", test), ("validation", val)):
+            assert (areas.max(0) >= core).all(), (key, areas.max(0), core)
     # the datalist's per-split table says the same as the files
     stats = d["split_stats"]
     for key, areas in (("test", test), ("validation", val), ("pool", pool)):
@@ -183,21 +202,49 @@ def test_plan_slices_keeps_its_promises_or_says_why_not():
         real_brain.plan_slices(narrow, 1.0, 5)
 
 
+def test_interleaved_plan_alternates_single_slices_with_training_between(monkeypatch):
+    """On made-up areas, the interleaved layout takes every (2 gap + 1 + INTERLEAVED_TRAIN_SLICES)-th
+    slice through the classes, alternately test and validation, each with its gaps; the rest trains.
+    With one gap slice the pool is 2 slices in 5 through the nuclei, so on smooth made-up profiles its
+    share sits at TRAIN_SHARE_MIN itself: the rule is lowered here to test the geometry (the macaque's
+    real split, above, meets the real rule)."""
+    monkeypatch.setattr(real_brain, "TRAIN_SHARE_MIN", 0.3)
+    z = np.arange(60)[:, None]
+    area = np.clip(400 - 2 * (z - np.array([22, 30, 38])) ** 2, 0, None)
+    plan = real_brain.plan_slices(area, 0.5, 5, layout="interleaved", gap_mm=0.5)
+    assert plan["layout"] == "interleaved" and plan["gap_slices"] == 1
+    held = sorted(plan["test"] + plan["validation"])
+    period = 2 + 1 + real_brain.INTERLEAVED_TRAIN_SLICES
+    assert set(np.diff(held)) == {period}
+    assert {tuple(plan["test"]), tuple(plan["validation"])} == {tuple(held[0::2]), tuple(held[1::2])}
+    assert sorted(plan["gap"]) == sorted(h + d for h in held for d in (-1, 1))
+    assert set(plan["pool"]).isdisjoint(held + plan["gap"])
+    assert len(plan["pool"]) + len(held) + len(plan["gap"]) == plan["used"][1] - plan["used"][0] + 1
+    assert plan == real_brain.plan_slices(area, 0.5, 5, layout="interleaved", gap_mm=0.5)
+
+
 @pytest.mark.parametrize("task", sorted(EXPECTED))
 def test_no_evaluation_slice_or_its_neighbours_is_trained_on(prepared, task):
     path = prepared[task]
     d = json.loads(path.read_text())
     step = EXPECTED[task]["spacing"]
+    gap_mm = real_brain.TASKS[task].gap_mm
+    assert d["generator"]["gap_mm"] == gap_mm
     # from the image headers, not from the datalist's bookkeeping
     z = {key: [_world_z(path.parent / e["image"]) for e in d[key]] for key in SPLITS}
     train = np.array(z["training"] + z["unlabeled"])
     for key in ("test", "validation"):
         held = np.array(z[key])
         assert len(held) >= 3
-        # contiguous slab
-        assert np.allclose(np.diff(np.sort(held)), step)
+        if d["slabs"]["layout"] == "slabs":  # one contiguous slab
+            assert np.allclose(np.diff(np.sort(held)), step)
         distance = np.abs(train[:, None] - held[None, :]).min()
-        assert distance >= real_brain.GAP_MM + step - 1e-6, (key, distance)
+        assert distance >= gap_mm + step - 1e-6, (key, distance)
+    if d["slabs"]["layout"] == "interleaved":
+        # training slices lie between every two neighbouring evaluation slices: the pool sees every level
+        held = np.sort(np.array(z["test"] + z["validation"]))
+        for below, above in zip(held[:-1], held[1:], strict=True):
+            assert ((train > below) & (train < above)).any(), (below, above)
     # the datalist's own slice bookkeeping says the same
     test_slices = set(d["slices"]["test"])
     neighbours = {s + k for s in test_slices for k in (-1, 0, 1)}

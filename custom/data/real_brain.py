@@ -513,15 +513,15 @@ def plan_slices(
             best = (key, test, validation, gaps, pool)
     if best is None:
         what = (
-            f"interleaved test and validation slices (at least {fewest} each)"
+            f"interleaved test and validation slices (at least {fewest} each"
             if layout == "interleaved"
-            else f"a {n_test}-slice test and a {n_val}-slice validation slab"
+            else f"a {n_test}-slice test and a {n_val}-slice validation slab (each slice with every class"
         )
         raise _fail(
-            f"no placement of {what} (each slice with every class, "
+            f"no placement of {what}, "
             f"{gap} gap slice{'s' if gap > 1 else ''} either side) leaves every class "
             f"{TRAIN_SHARE_MIN:.0%} of its pixels and "
-            f"{LARGE_SLICES_MIN} large slices in training, and both slabs every class's core"
+            f"{LARGE_SLICES_MIN} large slices in training, and both evaluation splits every class's core"
         )
     (score, _), test, validation, gaps, pool = best
     return {
