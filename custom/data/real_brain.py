@@ -499,13 +499,13 @@ def plan_slices(
     for test, validation in candidates():
         if min(len(test), len(validation)) < fewest:
             continue
-        test_share = area[test].sum(0) / total
-        large = LARGE_FRACTION * scored_median(test)
+        test_share, test_median = area[test].sum(0) / total, scored_median(test)
         gaps, pool = _layout(lo, hi, test, validation, gap)
         train_share = area[pool].sum(0) / total
+        large = LARGE_FRACTION * test_median
         if (train_share < TRAIN_SHARE_MIN).any() or ((area[pool] >= large).sum(0) < LARGE_SLICES_MIN).any():
             continue
-        if (scored_median(test) < core).any() or (scored_median(validation) < core).any():
+        if (test_median < core).any() or (scored_median(validation) < core).any():
             continue
         val_share = area[validation].sum(0) / total
         key = (min(float(test_share.min()), validation_weight * float(val_share.min())), float(train_share.min()))
