@@ -121,7 +121,7 @@ SETTINGS["colin27"] = {"task": "colin27", "bundle": {"spatial_dims": 2, "roi_siz
 SETTINGS["macaque"] = {
     "task": "macaque",
     "bundle": {"spatial_dims": 2, "roi_size": [176, 208], "pixdim": [0.5, 0.5]},
-    "epochs": 16,
+    "epochs": 32,
 }
 #: the 3D smoke test: the quick budget on the smallest volumes the student takes (16-voxel patches)
 SETTINGS["quick3d"] = {
