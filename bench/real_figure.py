@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -25,6 +26,22 @@ from bench.sweep import LABELS, SETTINGS, commit, setting_overrides  # noqa: E40
 
 TRAIN = str(ROOT / "bundle" / "configs" / "train.json")
 RESULTS = ROOT / "bundle" / "docs" / "results" / "real"
+
+
+def foreground_window(shape: tuple[int, ...], masks: list[torch.Tensor], margin: float = 0.25) -> tuple[slice, ...]:
+    """The box around every panel's foreground, widened by ``margin`` of its size on each side (the
+    nuclei fill a small part of a whole brain slice)."""
+    union = torch.stack([m > 0 for m in masks]).any(0)
+    if not union.any():
+        return tuple(slice(None) for _ in shape)
+    window = []
+    for axis, size in enumerate(shape):
+        other = tuple(a for a in range(union.ndim) if a != axis)
+        where = torch.nonzero(union.any(dim=other) if other else union).flatten()
+        low, high = int(where.min()), int(where.max()) + 1
+        pad = int(margin * (high - low)) + 4
+        window.append(slice(max(0, low - pad), min(size, high + pad)))
+    return tuple(window)
 
 
 def dice_per_class(pred: torch.Tensor, truth: torch.Tensor, num_classes: int) -> list[float | None]:
@@ -82,15 +99,17 @@ def main(argv: list[str] | None = None) -> None:
 
     colours = ListedColormap([(0, 0, 0, 0), *class_colours(num_classes - 1)])
     panels = [("ground truth", truth)] + [(LABELS[m], predictions[m]) for m in args.methods]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.8))
-    background = image[0, 0].T  # RAS voxel grid: show x across, y up
+    window = foreground_window(panels[0][1].shape, [labels for _, labels in panels])
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.4))
+    background = image[0, 0][window].T  # RAS voxel grid: show x across, y up
     for ax, (title, labels) in zip(axes, panels, strict=True):
         ax.imshow(background, cmap="gray", origin="lower")
-        ax.imshow(labels.T, cmap=colours, vmin=0, vmax=num_classes - 1, origin="lower", alpha=0.55)
+        ax.imshow(labels[window].T, cmap=colours, vmin=0, vmax=num_classes - 1, origin="lower", alpha=0.55)
         method = next((m for m in args.methods if LABELS[m] == title), None)
+        title = textwrap.fill(title, 30)
         if method:
             title += "\n" + " / ".join(f"{v:.2f}" if v is not None else "n/a" for v in scores[method].values())
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=8)
         ax.axis("off")
     fig.suptitle(
         f"{args.task}: test slice {Path(str(case['image'].meta.get('filename_or_obj', ''))).name} "
@@ -104,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     fig.savefig(png, dpi=110)
     plt.close(fig)
     record = {
-        "command": f"python bench/real_figure.py --task {args.task}",
+        "command": f"python bench/real_figure.py --task {args.task} --methods {' '.join(args.methods)}",
         "commit": commit(),
         "slice": Path(str(case["image"].meta.get("filename_or_obj", ""))).name,
         "fraction": args.fraction,
