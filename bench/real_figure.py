@@ -28,14 +28,14 @@ TRAIN = str(ROOT / "bundle" / "configs" / "train.json")
 RESULTS = ROOT / "bundle" / "docs" / "results" / "real"
 
 
-def foreground_window(shape: tuple[int, ...], masks: list[torch.Tensor], margin: float = 0.25) -> tuple[slice, ...]:
+def foreground_window(masks: list[torch.Tensor], margin: float = 0.25) -> tuple[slice, ...]:
     """The box around every panel's foreground, widened by ``margin`` of its size on each side (the
     nuclei fill a small part of a whole brain slice)."""
     union = torch.stack([m > 0 for m in masks]).any(0)
     if not union.any():
-        return tuple(slice(None) for _ in shape)
+        return tuple(slice(None) for _ in union.shape)
     window = []
-    for axis, size in enumerate(shape):
+    for axis, size in enumerate(union.shape):
         other = tuple(a for a in range(union.ndim) if a != axis)
         where = torch.nonzero(union.any(dim=other) if other else union).flatten()
         low, high = int(where.min()), int(where.max()) + 1
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
 
     colours = ListedColormap([(0, 0, 0, 0), *class_colours(num_classes - 1)])
     panels = [("ground truth", truth)] + [(LABELS[m], predictions[m]) for m in args.methods]
-    window = foreground_window(panels[0][1].shape, [labels for _, labels in panels])
+    window = foreground_window([labels for _, labels in panels])
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.4))
     background = image[0, 0][window].T  # RAS voxel grid: show x across, y up
     for ax, (title, labels) in zip(axes, panels, strict=True):
