@@ -3,9 +3,11 @@ epoch, to choose a sweep budget at which supervised training with 100 % labels h
 
     python bench/learning_curve.py --task colin27 [--epochs 40] [--seed 0]
     python bench/learning_curve.py --task embedded2d     # the bundle's own 2D phantoms
-    python bench/learning_curve.py --task embedded3d [--batch-size 2] [--shape 160 160 96]   # 3D phantoms, patches
+    python bench/learning_curve.py --task embedded3d     # 3D phantoms in patches (sweep setting 3d_patch)
 
-Prepares the task with every training slice labelled (``custom.data.real_brain``), trains the student
+Prepares the task with every training slice labelled (``custom.data.real_brain``, or the embedded
+generator with the sweep setting's data: the curve and the sweep it budgets see the same images,
+sizes and batches), trains the student
 with the supervised loss only (stage 1 without distillation, as the sweep's supervised runs start),
 validates after every epoch and writes ``bundle/docs/results/real/learning_curve_<task>.json``: per
 epoch (``iterations_per_epoch`` steps each) the validation Dice of each class, plus the seconds taken.
@@ -26,6 +28,8 @@ sys.path.insert(0, str(ROOT))
 from bench.sweep import CONFIGS, DOCS, commit  # noqa: E402
 
 RESULTS = DOCS / "results" / "real"
+#: the sweep setting whose data, sizes and batches each task's curve uses
+TASK_SETTINGS = {"colin27": "colin27", "macaque": "macaque", "embedded2d": "2d", "embedded3d": "3d_patch"}
 
 
 class ClassDiceCurve:
@@ -61,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iterations-per-epoch", type=int, default=None, help="default: train.json's")
     parser.add_argument("--shape", type=int, nargs="+", default=None, help="phantom size (embedded tasks)")
     parser.add_argument("--roi", type=int, nargs="+", default=None, help="roi_size (default: the task's)")
+    parser.add_argument("--setting", default=None, help="sweep setting (default: the task's, see TASK_SETTINGS)")
+    parser.add_argument("--val-interval", type=int, default=1, help="epochs between validations")
     parser.add_argument("--work", type=Path, default=ROOT / "bundle" / "eval" / "learning_curve")
     args = parser.parse_args(argv)
 
@@ -72,16 +78,14 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work / args.task / f"seed{args.seed}"
     if (work / "models").exists():
         raise SystemExit(f"error: {work / 'models'} exists; remove it to measure the curve again")
-    configs = [str(CONFIGS / "train.json")]
+    spec = SETTINGS[args.setting or TASK_SETTINGS[args.task]]
+    configs = [str(CONFIGS / name) for name in ("train.json", *spec.get("configs", []))]
     if args.task.startswith("embedded"):  # the bundle's own phantoms, every training case labelled
         from custom.data.phantoms import ensure_dataset
 
-        dims = int(args.task[-2])
-        shape = {"shape": args.shape} if args.shape else {}
+        generator = {**spec.get("data", {}), **({"shape": args.shape} if args.shape else {})}
         data = args.work / args.task / "data"
-        datalist = Path(ensure_dataset(data, spatial_dims=dims, labelled_fraction=1.0, **shape))
-        if dims == 3:
-            configs.append(str(CONFIGS / "train_3d.json"))
+        datalist = Path(ensure_dataset(data, spatial_dims=int(args.task[-2]), labelled_fraction=1.0, **generator))
     else:
         datalist = prepare(args.work / args.task / "data", args.task, labelled_fraction=1.0)
     names = ConfigParser.load_config_file(datalist)["labels"]
@@ -89,9 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     handlers = ConfigParser.load_config_file(str(CONFIGS / "train.json"))["validate"]["handlers"]
     curve = ClassDiceCurve(class_names)
     train = ConfigParser.load_config_file(str(CONFIGS / "train.json"))
-    setting = SETTINGS[args.task]["bundle"] if args.task in SETTINGS else {"spatial_dims": int(args.task[-2])}
+    setting = spec["bundle"]
     schedule = {
-        "pretrain_batch_size": args.batch_size or train["pretrain_batch_size"],
+        "pretrain_batch_size": args.batch_size or setting.get("pretrain_batch_size", train["pretrain_batch_size"]),
         "iterations_per_epoch": args.iterations_per_epoch or train["iterations_per_epoch"],
     }
     overrides = {
@@ -102,12 +106,12 @@ def main(argv: list[str] | None = None) -> None:
         "seed": args.seed,
         "distillation": "none",
         "pretrain_epochs": args.epochs,
-        "val_interval": 1,
+        "val_interval": args.val_interval,
         "validate#key_metric#val_mean_dice#save_details": True,
         "validate#handlers": [*handlers, curve],
+        **setting,
         **schedule,
         **({"roi_size": args.roi} if args.roi else {}),
-        **setting,
     }
     start = time.perf_counter()
     run("pretrain", config_file=[*configs, str(CONFIGS / "pretrain.json")], **overrides)
@@ -115,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python bench/learning_curve.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "commit": commit(),
         "task": args.task,
+        "setting": args.setting or TASK_SETTINGS[args.task],
         "training": "supervised only (stage 1 without distillation), every training case labelled",
         "iterations_per_epoch": schedule["iterations_per_epoch"],
         "batch_size": schedule["pretrain_batch_size"],

@@ -123,6 +123,14 @@ SETTINGS["macaque"] = {
     "bundle": {"spatial_dims": 2, "roi_size": [176, 208], "pixdim": [0.5, 0.5]},
     "epochs": 32,
 }
+#: 3D with patches (issue 17): the default 160x160x96 phantoms (1.25x1.25x2 mm) cut into 64x64x32
+#: class-balanced patches, batch 2 in both stages: the clinical-size path, sized for 2 CPU cores
+SETTINGS["3d_patch"] = {
+    "configs": ["train_3d.json"],
+    "data": {"num_train": 20, "num_validation": 4, "num_test": 8},
+    "bundle": {"spatial_dims": 3, "roi_size": [64, 64, 32], "batch_size": 2, "pretrain_batch_size": 2},
+    "epochs": 20,
+}
 #: the 3D smoke test: the quick budget on the smallest volumes the student takes (16-voxel patches)
 SETTINGS["quick3d"] = {
     "configs": ["train_3d.json"],
@@ -451,6 +459,7 @@ def report(setting: str, results_dir: Path, results_md: Path, seeds: list[int]) 
 SETTING_FLAGS = {
     "3d": " --dims 3",
     "2d_short": " --setting 2d_short",
+    "3d_patch": " --setting 3d_patch",
     "colin27": " --task colin27",
     "macaque": " --task macaque",
 }
