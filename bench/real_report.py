@@ -6,7 +6,8 @@ Reads ``bundle/docs/results/real/zero_shot_<task>.json`` (``bench/teacher_zero_s
 and ``learning_curve_<task>.json`` (``bench/learning_curve.py``), writes the zero-shot table, the
 learning-curve table and one learning-curve plot per task, and replaces the ``real-zero-shot`` and
 ``real-curves`` sections of ``bundle/docs/results.md``, and ``embedded-curve`` from
-``learning_curve_embedded2d.json`` (``bench/learning_curve.py --task embedded2d``, the phantoms).
+``learning_curve_embedded2d.json`` (``bench/learning_curve.py --task embedded2d``, the phantoms) and
+``embedded3d-curve`` from ``learning_curve_embedded3d.json`` (the 3D phantoms in patches).
 The label-ratio rows come from ``bench/sweep.py --task <task>`` (section ``sweep-<task>``).
 """
 
@@ -91,7 +92,7 @@ def curves(tasks: tuple[str, ...] = TASKS) -> str:
         epoch = plateau_epoch(points)
         lines += [
             "",
-            f"Plateau: every class's 3-epoch mean validation Dice within 0.02 of its final value from "
+            f"Plateau: every class's validation Dice, averaged over 3 validations, within 0.02 of its final value from "
             f"iteration {epoch * per_epoch} on.",
         ]
         peaks = {c: max(points, key=lambda p, c=c: p["dice"][c] or 0.0) for c in classes}
@@ -114,6 +115,8 @@ def main() -> None:
     replace_section(PAGE, "real-zero-shot", zero_shot_table())
     replace_section(PAGE, "real-curves", curves())
     replace_section(PAGE, "embedded-curve", curves(("embedded2d",)))
+    if (RESULTS / "learning_curve_embedded3d.json").is_file():
+        replace_section(PAGE, "embedded3d-curve", curves(("embedded3d",)))
     print(zero_shot_table())
     print(curves())
 
