@@ -124,7 +124,9 @@ SETTINGS["macaque"] = {
     "epochs": 32,
 }
 #: 3D with patches (issue 17): the default 160x160x96 phantoms (1.25x1.25x2 mm) cut into 64x64x32
-#: class-balanced patches, batch 2 in both stages: the clinical-size path, sized for 2 CPU cores
+#: class-balanced patches, batch 2 in both stages: the clinical-size path, sized for 2 CPU cores;
+#: 20 + 20 epochs (2000 labelled patches) are past the plateau of full supervision's learning curve
+#: (bench/learning_curve.py --task embedded3d: flat on organ and lesion from 750 iterations of 2)
 SETTINGS["3d_patch"] = {
     "configs": ["train_3d.json"],
     "data": {"num_train": 20, "num_validation": 4, "num_test": 8},

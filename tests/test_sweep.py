@@ -160,6 +160,7 @@ def test_each_sweep_budget_is_past_its_full_supervision_plateau():
         result = json.loads((curves / f"learning_curve_{curve}.json").read_text())
         return plateau_epoch(result["validation"]) * result["iterations_per_epoch"] * result["batch_size"]
 
-    for setting, curve in (("2d", "embedded2d"), ("colin27", "colin27"), ("macaque", "macaque")):
+    pairs = (("2d", "embedded2d"), ("3d_patch", "embedded3d"), ("colin27", "colin27"), ("macaque", "macaque"))
+    for setting, curve in pairs:
         assert samples(setting) >= needed(curve), (setting, samples(setting), needed(curve))
     assert samples("2d_short") < needed("embedded2d")  # the short sweep stopped well before it
