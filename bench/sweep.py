@@ -214,12 +214,14 @@ def run_one(setting: str, fraction: float, method: str, seed: int, work: Path, r
     shared = setting_overrides(setting, fraction, seed, dataset, work / "teacher_cache")
     stage1 = METHODS[method]["stage1"]
     stage2 = dict(METHODS[method]["stage2"])
-    uses_teacher = stage1 != "none" or stage2["teachers"] != "specialized"
+    # stage 1's distillation targets have their own cache, filled by its own pipeline: only a stage 2
+    # that runs the generalized teacher on unlabelled images needs their encodings warmed
+    stage2_uses_teacher = stage2["teachers"] != "specialized"
     if "task" in SETTINGS[setting]:
         from custom.data.real_brain import prepare
 
         prepare(dataset, SETTINGS[setting]["task"], labelled_fraction=fraction)
-    if fraction < 1.0 and uses_teacher and not (dataset / "warm").is_file():
+    if fraction < 1.0 and stage2_uses_teacher and not (dataset / "warm").is_file():
         warm_teacher_cache(setting, shared)
         (dataset / "warm").touch()
     if fraction >= 1.0:
