@@ -144,6 +144,7 @@ def test_each_sweep_budget_is_past_its_full_supervision_plateau():
     """The budget rule: every method sees at least as many labelled samples (stage 1's batches, then
     stage 2's labelled batches) as full supervision needed, in the setting's committed learning curve,
     to reach the point from which its validation Dice is flat on every class."""
+    from bench.learning_curve import TASK_SETTINGS
     from bench.real_report import plateau_epoch
     from bench.sweep import SETTINGS
 
@@ -162,5 +163,6 @@ def test_each_sweep_budget_is_past_its_full_supervision_plateau():
 
     pairs = (("2d", "embedded2d"), ("3d_patch", "embedded3d"), ("colin27", "colin27"), ("macaque", "macaque"))
     for setting, curve in pairs:
+        assert TASK_SETTINGS[curve] == setting  # the curve was measured on that setting's data and batches
         assert samples(setting) >= needed(curve), (setting, samples(setting), needed(curve))
     assert samples("2d_short") < needed("embedded2d")  # the short sweep stopped well before it
