@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> None:
         datalist = prepare(args.work / args.task / "data", args.task, labelled_fraction=1.0)
     names = ConfigParser.load_config_file(datalist)["labels"]
     class_names = [names[str(v)] for v in range(1, len(names))]
-    handlers = ConfigParser.load_config_file(str(CONFIGS / "train.json"))["validate"]["handlers"]
-    curve = ClassDiceCurve(class_names)
     train = ConfigParser.load_config_file(str(CONFIGS / "train.json"))
+    handlers = train["validate"]["handlers"]
+    curve = ClassDiceCurve(class_names)
     setting = spec["bundle"]
     schedule = {
         "pretrain_batch_size": args.batch_size or setting.get("pretrain_batch_size", train["pretrain_batch_size"]),
