@@ -172,18 +172,26 @@ def train_configs(setting: str) -> list[str]:
 
 
 def warm_teacher_cache(setting: str, overrides: dict) -> None:
-    """Encode every unlabelled image once, so that no timed stage 2 run pays for the cold cache."""
+    """Encode every unlabelled image once (stage 2's own warm-up, run before it), so that no timed
+    stage 2 run pays for the cold cache."""
     from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
+    from custom.handlers.teacher_warm_up import TeacherCacheWarmUp
 
     parser = ConfigParser()
     parser.read_config(train_configs(setting))
     parser.update({"bundle_root": str(Path(overrides["dataset_dir"]).parent), **overrides})
     parser.get_parsed_content("embedded_data")
-    teacher = parser.get_parsed_content("teacher_def")
-    for item in parser.get_parsed_content("train#unlabelled_dataset"):
-        teacher(
-            item["image"].as_tensor()[None], with_fusion=False, with_features=False
-        )  # no prompts: encoder only, 2D or slice-wise
+    warm_up = TeacherCacheWarmUp(
+        parser.get_parsed_content("teacher_def"),
+        parser.get_parsed_content("train#unlabelled_datalist"),
+        Compose(parser.get_parsed_content("train#unlabelled_deterministic")),
+        parser.get_parsed_content("roi_size"),
+        whole_slices=parser.get_parsed_content("teacher_whole_slices"),
+    )
+    warm_up(None)
+    print(f"teacher cache warm-up: {warm_up.summary}")
 
 
 def setting_overrides(setting: str, fraction: float, seed: int, dataset: Path, teacher_cache: Path) -> dict:

@@ -65,3 +65,31 @@ def test_sample_of_the_roi_size_passes_unchanged_and_a_smaller_one_is_refused():
         crop({"image": torch.zeros(1, 16, 48)})
     with pytest.raises(ValueError, match=r"roi_size \[40, 32\] must be positive multiples of 16"):
         RandGridCropd("image", (40, 32))
+
+
+def test_context_is_the_patch_s_whole_slices_and_the_start_places_the_patch_in_it():
+    from custom.data.crops import ContextCollate
+
+    torch.manual_seed(0)
+    volume = torch.randn(1, 80, 48, 48)
+    crop = RandGridCropd("image", (32, 32, 16), tiles=True, context_key="image_context", context_axis=2)
+    crop.set_random_state(3)
+    samples = [crop({"image": volume}) for _ in range(6)]
+    for out in samples:
+        context, start = out["image_context"], out["image_context_start"]
+        x, y, z = start.tolist()
+        assert context.shape == (1, 80, 48, 16), "whole slices, cut along the slice axis like the patch"
+        assert torch.equal(context, volume[..., z : z + 16])
+        assert torch.equal(context[:, x : x + 32, y : y + 32], out["image"])
+    assert len({tuple(s["image_context_start"].tolist()) for s in samples}) > 1
+    # 2D: the context is the whole image; a sample of the roi's size is its own context, starting at 0
+    image = torch.randn(1, 48, 64)
+    flat = RandGridCropd("image", (32, 32), context_key="image_context")({"image": image})
+    assert torch.equal(flat["image_context"], image)
+    whole = RandGridCropd("image", (48, 64), context_key="image_context")({"image": image})
+    assert whole["image_context_start"].tolist() == [0, 0] and torch.equal(whole["image_context"], image)
+    # contexts of different sizes batch as a list, the rest as usual
+    other = RandGridCropd("image", (32, 32), context_key="image_context")({"image": torch.randn(1, 32, 48)})
+    batch = ContextCollate("image_context")([flat, other])
+    assert batch["image"].shape == (2, 1, 32, 32) and batch["image_context_start"].shape == (2, 2)
+    assert [tuple(c.shape) for c in batch["image_context"]] == [(1, 48, 64), (1, 32, 48)]

@@ -154,7 +154,8 @@ def test_own_3d_volumes_of_mixed_sizes_train_and_infer(tmp_path, monkeypatch):
     # one unlabelled volume (16 slices): stage 2 encodes every unlabelled slice with LiteMedSAM before its
     # first step (about 1.2 s a slice on 2 cores), so each further volume costs the test 20 s
     counts = {**TINY_COUNTS, "unlabeled": 1}
-    write_dataset(tmp_path / "data", [(32, 24, 16), (28, 32, 20)], (1.25, 1.25, 2.0), counts)
+    # the unlabelled volume (the 5th case) is 44 x 24 x 16, padded to 48 x 32: two in-plane tiles of the roi
+    write_dataset(tmp_path / "data", [(44, 24, 16), (28, 32, 20)], (1.25, 1.25, 2.0), counts)
     settings = {
         "use_embedded_data": False,
         "datalist": "data/datalist.json",
@@ -174,7 +175,8 @@ def test_own_3d_volumes_of_mixed_sizes_train_and_infer(tmp_path, monkeypatch):
     }
     log = _bundle_run(tmp_path, "training", [TRAIN, TRAIN_3D], **settings)
     assert "running stage 1 (pretrain) first" in log.stdout + log.stderr
-    # before the first step, the warm-up encoded the unlabelled volume's 16 slices (one in-plane tile)
+    # before the first step, the warm-up encoded the unlabelled volume's 16 whole slices (once, not once per
+    # in-plane tile: stage 2 gives LiteMedSAM each patch's whole slices)
     warm_up = "teacher cache warm-up: 1 unlabelled images, 16 distinct slice crops, 0 already cached, 16 encoded"
     assert warm_up in log.stdout + log.stderr
     shares = [float(v) for v in re.findall(r"gate_from_generalized: ([0-9.]+)", log.stdout + log.stderr)]

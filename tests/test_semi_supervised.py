@@ -135,6 +135,62 @@ def test_generalized_teacher_on_volumes_is_slice_wise_and_reused_per_slice(lite_
     assert torch.equal(again, gen)
 
 
+class _FixedPrediction(torch.nn.Module):
+    """Stands in for the EMA student: returns confident logits of a fixed class map, whatever the input."""
+
+    def __init__(self, labels: torch.Tensor, num_classes: int = 3) -> None:
+        super().__init__()
+        one_hot = torch.nn.functional.one_hot(labels.long(), num_classes).movedim(-1, 1).float()
+        self.logits = 10.0 * one_hot
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(len(x), *self.logits.shape[1:])
+
+
+def test_prompts_move_from_the_patch_to_the_slice_it_was_cut_from():
+    from custom.engines.uncol import shift_prompts
+    from custom.teachers.prompts import Prompts
+
+    valid = torch.tensor([[True]])
+    moved = shift_prompts(Prompts(valid, torch.tensor([[[1.0, 2.0, 5.0, 9.0]]]), torch.tensor([[[3.0, 4.0]]])), 32, 16)
+    assert moved.boxes.tolist() == [[[17.0, 34.0, 21.0, 41.0]]]  # x (columns) + left, y (rows) + top
+    assert moved.points.tolist() == [[[19.0, 36.0]]] and torch.equal(moved.valid, valid)
+
+
+def test_generalized_teacher_on_whole_slices_is_cut_to_the_patch(lite_teacher):
+    """3D stage 2 with each patch's whole slices: the generalized teacher's probabilities are its output
+    on the whole slices, prompted with the EMA teacher's boxes moved into the slice, cut to the patch;
+    a patch covering the whole slice gives exactly what the patch alone gives."""
+    from custom.engines.uncol import SemiSupervisedIteration
+    from custom.losses.pseudo_label import EntropyGate, PseudoLabelLoss
+
+    torch.manual_seed(0)
+    context = torch.randn(1, 64, 48, 2)  # whole slices of 64 rows x 48 columns, the patch's 2 slices
+    top, left = 32, 16
+    patch_labels = torch.zeros(1, 32, 32, 2, dtype=torch.long)
+    patch_labels[0, 4:12, 6:20, 0] = 1
+    patch_labels[0, 18:28, 2:10, 0] = 2
+    patch_labels[0, 10:20, 12:30, 1] = 2
+    step = SemiSupervisedIteration(EntropyGate("both"), PseudoLabelLoss(), _FixedPrediction(patch_labels), lite_teacher)
+    weak = context[None, :, top : top + 32, left : left + 32]
+    starts = torch.tensor([[top, left, 0]])
+    spec, gen = step.teacher_probs(weak, [context], starts)
+    assert gen.shape == spec.shape == (1, 3, 32, 32, 2)
+    slice_labels = torch.zeros(1, 1, 64, 48, 2, dtype=torch.long)  # the patch's classes placed in the slice
+    slice_labels[..., top : top + 32, left : left + 32, :] = patch_labels
+    expected = lite_teacher(context[None], labels=slice_labels, with_fusion=False).probs
+    assert torch.allclose(gen, expected[..., top : top + 32, left : left + 32, :], atol=1e-5)
+    assert not torch.allclose(gen, step.teacher_probs(weak)[1], atol=1e-2), "the patch alone is another input"
+    again = step.teacher_probs(weak, [context], starts)[1]  # same slices, same window, same boxes: reused
+    assert step.generalized_reused == 2 and torch.equal(again, gen)
+
+    whole = torch.zeros(1, 64, 48, 2, dtype=torch.long)
+    whole[:, top : top + 32, left : left + 32] = patch_labels
+    covering = SemiSupervisedIteration(EntropyGate("both"), PseudoLabelLoss(), _FixedPrediction(whole), lite_teacher)
+    in_context = covering.teacher_probs(context[None], [context], torch.zeros(1, 3, dtype=torch.long))[1]
+    assert torch.equal(in_context, covering.teacher_probs(context[None])[1])
+
+
 def _component_prompts():
     from custom.teachers.prompts import Prompts
 

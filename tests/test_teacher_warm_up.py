@@ -79,6 +79,29 @@ def test_3d_warm_up_encodes_the_slices_of_each_in_plane_tile(tmp_path):
         assert all(image_key(s) in teacher.cache for s in teacher.to_slices(patch[None]))
 
 
+def test_3d_warm_up_of_whole_slices_serves_every_patch_stage_2_draws(tmp_path):
+    """With whole slices each distinct slice is encoded once, whatever its tiles, and a stage 2 step on
+    any patch of the volume (its whole slices as context) finds all of them in the cache."""
+    from custom.engines.uncol import SemiSupervisedIteration
+    from custom.losses.pseudo_label import EntropyGate, PseudoLabelLoss
+
+    teacher = GeneralizedTeacher(cache_dir=tmp_path)
+    encoded = _count_encoded(teacher)
+    volume = torch.zeros(1, 32, 48, 32)  # 2 in-plane tiles, 3 distinct slices (2 with content, blank)
+    volume[0, 4:28, 8:40, 10] = torch.linspace(0, 1, 24 * 32).view(24, 32)
+    volume[0, 2:30, 2:46, 20] = 1.0
+    warm = _warm(teacher, {"ct": volume}, (32, 32, 16), whole_slices=True)
+    assert encoded[0] == 3 and warm.summary["slice_crops"] == 3  # tile crops would be 5
+    crop = RandGridCropd("image", (32, 32, 16), tiles=True, context_key="image_context")
+    crop.set_random_state(1)
+    step = SemiSupervisedIteration(EntropyGate("both"), PseudoLabelLoss(), torch.nn.Conv3d(1, 3, 1), teacher)
+    misses, hits = teacher.cache.misses, teacher.cache.hits
+    for _ in range(4):
+        out = crop({"image": volume})
+        step.teacher_probs(out["image"][None], [out["image_context"]], out["image_context_start"][None])
+    assert encoded[0] == 3 and teacher.cache.misses == misses and teacher.cache.hits > hits
+
+
 def test_nothing_to_warm_without_a_generalized_teacher_or_cache_or_when_disabled(tmp_path):
     images = {"a": torch.randn(1, 32, 32)}
     assert _warm(None, images, (32, 32)).summary == {}  # teachers: specialized

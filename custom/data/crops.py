@@ -5,6 +5,14 @@ training sample is padded to at least ``roi_size`` (MONAI's ``SpatialPadd``) and
 ``roi_size`` here. The crop starts on a multiple of the student's patch size (16), so maps that live
 on the token grid (the cached teacher targets of stage 1) are cut by the same box exactly. Samples
 already of size ``roi_size`` pass unchanged (small datasets train on whole images).
+
+Stage 2's generalized teacher sees 2D slices. Given only the patch, it would encode each slice's
+patch-sized crop (3 x 3 in-plane tiles of a 160x160 slice are 9 encodings of one slice, each without
+the anatomy around it). With ``context_key`` the crop also keeps the patch's *context*: the image cut
+only along the slice axis (3D: the whole slices the patch spans) or not at all (2D: the whole image),
+and where the patch starts in it, so the teacher can encode whole slices once and cut its masks to
+the patch (:meth:`custom.engines.uncol.SemiSupervisedIteration.teacher_probs`). Contexts differ in
+size between images: :class:`ContextCollate` batches them as a list.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from collections.abc import Sequence
 
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor, list_data_collate
 from monai.transforms import MapTransform, Randomizable
 
 from custom.networks.student import PATCH_SIZE
@@ -48,6 +57,10 @@ class RandGridCropd(Randomizable, MapTransform):
         tiles: crop at fixed tiles (see above).
         grid: the token size.
         allow_missing_keys: skip keys a sample lacks.
+        context_key: also store the first key's context under this key (see the module docstring) and
+            the crop's start (voxels, ``(D,)`` long) under ``<context_key>_start``; ``None``: off.
+        context_axis: the axis (0-based, spatial) along which the context is cut like the patch: the
+            teacher's slice axis. Ignored for 2D images, whose context is the whole image.
     """
 
     def __init__(
@@ -61,6 +74,8 @@ class RandGridCropd(Randomizable, MapTransform):
         tiles: bool = False,
         grid: int = PATCH_SIZE,
         allow_missing_keys: bool = True,
+        context_key: str | None = None,
+        context_axis: int = 2,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.roi_size = tuple(int(r) for r in roi_size)
@@ -71,6 +86,8 @@ class RandGridCropd(Randomizable, MapTransform):
         self.pos_ratio = pos / (pos + neg) if pos + neg > 0 else 0.0
         self.tiles = tiles
         self.grid = grid
+        self.context_key = context_key
+        self.context_axis = context_axis
         self._start: tuple[int, ...] = ()
 
     def randomize(self, shape: Sequence[int], label: torch.Tensor | None = None) -> None:
@@ -104,6 +121,8 @@ class RandGridCropd(Randomizable, MapTransform):
         first = next(self.key_iterator(d))
         shape = tuple(d[first].shape[1:])
         if shape == self.roi_size:
+            self._start = (0,) * len(shape)
+            self._keep_context(d, d[first])
             return d
         fits = len(shape) == len(self.roi_size) and all(
             s >= r and s % self.grid == 0 for s, r in zip(shape, self.roi_size, strict=True)
@@ -115,6 +134,7 @@ class RandGridCropd(Randomizable, MapTransform):
             )
         self.randomize(shape, d.get(self.label_key) if self.label_key else None)
         box = tuple(slice(s, s + r) for s, r in zip(self._start, self.roi_size, strict=True))
+        self._keep_context(d, d[first], box)
         for key in self.key_iterator(d):
             d[key] = d[key][(slice(None), *box)]
         cells = tuple(slice(b.start // self.grid, b.stop // self.grid) for b in box)
@@ -123,7 +143,36 @@ class RandGridCropd(Randomizable, MapTransform):
                 d[key] = d[key][(slice(None), *cells)]
         return d
 
+    def _keep_context(self, d: dict, image: torch.Tensor, box: tuple[slice, ...] | None = None) -> None:
+        """Store ``image``'s context of the crop ``box`` (``None``: the whole image is the patch)."""
+        if self.context_key is None:
+            return
+        # a plain tensor: the batch carries it as a list, and only the teacher reads it
+        context = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+        if box is not None and len(box) == 3:
+            along = [slice(None)] * 3
+            along[self.context_axis] = box[self.context_axis]
+            context = context[(slice(None), *along)]
+        d[self.context_key] = context
+        d[f"{self.context_key}_start"] = torch.tensor(self._start, dtype=torch.long)
+
     @property
     def last_start(self) -> tuple[int, ...]:
         """Start of the last crop (voxels), for tests and logs."""
         return self._start
+
+
+class ContextCollate:
+    """``collate_fn`` for batches whose ``keys`` hold tensors of different shapes (crop contexts): those
+    stay a list of the samples' tensors, everything else is collated by MONAI's ``list_data_collate``."""
+
+    def __init__(self, keys: KeysCollection | None = ("image_context",)) -> None:
+        self.keys = [keys] if isinstance(keys, str) else list(keys or ())
+
+    def __call__(self, samples: list[dict]) -> dict:
+        rest = [{k: v for k, v in s.items() if k not in self.keys} for s in samples]
+        batch = list_data_collate(rest)
+        for key in self.keys:
+            if all(key in s for s in samples):
+                batch[key] = [s[key] for s in samples]
+        return batch

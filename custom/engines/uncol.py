@@ -61,6 +61,17 @@ def same_prompts(a: Prompts, b: Prompts, tolerance: float = 0.0) -> bool:
     )
 
 
+def shift_prompts(prompts: Prompts, top: int, left: int) -> Prompts:
+    """``prompts`` drawn on a patch, moved to the coordinates of the image the patch was cut from at row
+    ``top``, column ``left`` (boxes are ``x0, y0, x1, y1``, points ``x, y``: ``x`` is the column)."""
+    offset = torch.tensor([left, top], dtype=torch.float32)
+
+    def moved(x: torch.Tensor | None, repeats: int) -> torch.Tensor | None:
+        return None if x is None else x + offset.to(x).repeat(repeats)
+
+    return Prompts(prompts.valid, moved(prompts.boxes, 2), moved(prompts.points, 1), prompts.components)
+
+
 def _plain(x) -> torch.Tensor:
     return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
 
@@ -190,6 +201,8 @@ class SemiSupervisedIteration:
             the stored output still to count as "the same prompts". 0 is exact; a pixel or two trades a
             slightly stale pseudo-label (the prompts come from the EMA teacher's own, noisy boxes) for far
             fewer decoder calls.
+        context_key: key of the unlabelled batch's crop contexts (``RandGridCropd(context_key=...)``): when
+            the batch has it, the generalized teacher works on whole slices (see :meth:`teacher_probs`).
     """
 
     def __init__(
@@ -203,6 +216,7 @@ class SemiSupervisedIteration:
         distillation: DistillationIteration | None = None,
         reuse_generalized: bool = True,
         reuse_tolerance: float = 0.0,
+        context_key: str | None = "image_context",
     ) -> None:
         if gate.teachers != "specialized" and generalized is None:
             raise ValueError(f"teachers={gate.teachers!r} needs the generalized teacher")
@@ -215,6 +229,7 @@ class SemiSupervisedIteration:
         self.distillation = distillation
         self.reuse_generalized = reuse_generalized
         self.reuse_tolerance = reuse_tolerance
+        self.context_key = context_key
         self._generalized_memo: dict[str, tuple[Prompts, torch.Tensor]] = {}
         #: divides the EMA teacher's logits before its softmax (set by ``TeacherCalibration``; 1: off)
         self.specialized_temperature = 1.0
@@ -228,7 +243,17 @@ class SemiSupervisedIteration:
         self.labelled_class_total: torch.Tensor | None = None
 
     @torch.no_grad()
-    def teacher_probs(self, weak: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def teacher_probs(
+        self, weak: torch.Tensor, context: list[torch.Tensor] | None = None, starts: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Both teachers' class probabilities on the weak view ``(B, 1, *roi)``.
+
+        ``context`` (each patch's whole slices or whole image, see :mod:`custom.data.crops`) and ``starts``
+        (``(B, D)``, where each patch starts in its context): the generalized teacher encodes the whole
+        slices (a slice is encoded once, whichever patch of it is drawn, and LiteMedSAM sees the anatomy
+        around the patch), is prompted with the specialized teacher's boxes moved to the slice's
+        coordinates, and its masks are cut to the patch. Without them it sees the patch alone.
+        """
         self.specialized.eval()
         spec = torch.softmax(self.specialized(weak).float() / self.specialized_temperature, 1)
         gen = None
@@ -236,13 +261,31 @@ class SemiSupervisedIteration:
             # prompts: boxes of the specialized teacher's current prediction (its softmax goes in, so that
             # a confidence filter can see it; the regions are its argmax); volumes slice by slice, as the
             # generalized teacher sees them, so that reuse and decoder batching work per slice
-            if weak.ndim == 5:
+            if context is not None:
+                parts = [self._generalized_in_context(spec[i : i + 1], context[i], starts[i]) for i in range(len(weak))]
+                gen = torch.cat(parts).to(spec)
+            elif weak.ndim == 5:
                 slices = self.generalized.to_slices(weak)
                 prompts = self.generalized.make_prompts(self.generalized.to_slices(spec))
                 gen = self.generalized.from_slices(self._generalized_probs(slices, prompts), len(weak)).to(spec)
             else:
                 gen = self._generalized_probs(weak, self.generalized.make_prompts(spec)).to(spec)
         return spec, gen
+
+    def _generalized_in_context(self, spec: torch.Tensor, context: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """One patch's generalized-teacher probabilities ``(1, 1 + C, *roi)`` from its context's whole
+        slices (``spec``: the specialized teacher's ``(1, 1 + C, *roi)`` softmax on the patch)."""
+        teacher = self.generalized
+        volume = spec.ndim == 5
+        context = context.to(spec.device, torch.float32)[None]
+        in_plane = [a for a in range(spec.ndim - 2) if not volume or a != teacher.slice_axis]
+        top, left = (int(start[a]) for a in in_plane)
+        height, width = (spec.shape[2 + a] for a in in_plane)
+        slices = teacher.to_slices(context) if volume else context
+        prompts = shift_prompts(teacher.make_prompts(teacher.to_slices(spec) if volume else spec), top, left)
+        window = (slice(top, top + height), slice(left, left + width))
+        probs = self._generalized_probs(slices, prompts, window=window)
+        return teacher.from_slices(probs, 1) if volume else probs
 
     def _count_labelled(self, labels: torch.Tensor, num_classes: int) -> None:
         # on the batch's device: read (and synchronised) once an epoch by the handler, not every step
@@ -260,11 +303,17 @@ class SemiSupervisedIteration:
         """Drop the stored generalized-teacher outputs (they are stale once its mask temperature changes)."""
         self._generalized_memo.clear()
 
-    def _generalized_probs(self, weak: torch.Tensor, prompts: Prompts) -> torch.Tensor:
+    def _generalized_probs(
+        self, weak: torch.Tensor, prompts: Prompts, window: tuple[slice, slice] | None = None
+    ) -> torch.Tensor:
         """The generalized teacher's class probabilities, reused when an image comes back with the same
         prompts (its output depends only on the image and the prompts, and the EMA teacher's boxes
-        settle as training goes on); only the others go through the mask decoder."""
-        keys = [image_key(img) for img in weak] if self.reuse_generalized else [None] * len(weak)
+        settle as training goes on); only the others go through the mask decoder. ``window``: the rows
+        and columns of each image to return (a patch of whole slices); reuse is per image and window."""
+        keys: list[str | None] = [None] * len(weak)
+        if self.reuse_generalized:
+            where = () if window is None else (torch.tensor([window[0].start, window[1].start]),)
+            keys = [image_key(img, *where) for img in weak]
         probs: list[torch.Tensor | None] = [None] * len(weak)
         for i, key in enumerate(keys):
             hit = self._generalized_memo.get(key) if key is not None else None
@@ -276,6 +325,8 @@ class SemiSupervisedIteration:
         for chunk in (todo[k : k + step] for k in range(0, len(todo), step)):
             index = torch.tensor(chunk)
             fresh = self.generalized(weak[index], prompts=prompts[index], with_fusion=False, with_features=False).probs
+            if window is not None:
+                fresh = fresh[(..., *window)]
             for j, i in enumerate(chunk):
                 probs[i] = fresh[j]
                 if keys[i] is not None:
@@ -298,7 +349,9 @@ class SemiSupervisedIteration:
         unsup_weight = float(getattr(engine.state, "unsup_weight", 1.0))
 
         reused_before = self.generalized_reused
-        spec, gen = self.teacher_probs(weak)
+        context = unlabelled.get(self.context_key) if self.context_key else None
+        starts = unlabelled.get(f"{self.context_key}_start") if context is not None else None
+        spec, gen = self.teacher_probs(weak, context, starts)
         self._count_labelled(labels, spec.shape[1])  # this batch counts towards the guard's prior before it is used
         prior = (
             None if self.gate.guard == "none" else self.labelled_class_total.float() / self.labelled_class_total.sum()

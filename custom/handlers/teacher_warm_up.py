@@ -5,7 +5,9 @@ can spend hours there on CPU (distinct slices x 1.4-2.3 s; bundle/docs/README.md
 :class:`TeacherCacheWarmUp` goes through the unlabelled images once, after the same deterministic
 preprocessing as training, cuts each one into the fixed tiles its random crops are drawn from
 (``RandGridCropd(tiles=True)``; in 3D only the in-plane tiles matter, since the teacher sees slices),
-and encodes every slice crop the cache lacks. Training then starts with a warm cache, and what the
+and encodes every slice crop the cache lacks. With ``whole_slices`` (stage 2 gives the teacher each
+patch's whole slices, ``RandGridCropd(context_key=...)``) it encodes every whole slice (2D: image)
+instead, once, whichever tiles are drawn from it. Training then starts with a warm cache, and what the
 warm-up cost is logged once. Under torchrun each rank takes its share of the images.
 """
 
@@ -37,6 +39,7 @@ class TeacherCacheWarmUp:
         transform: the deterministic preprocessing of the unlabelled stream (it must end where the
             random crop starts, so that the crops and the cache keys are the ones training makes).
         roi_size: the training patch size.
+        whole_slices: encode whole slices (2D: whole images) rather than tile crops.
         enabled: ``False`` leaves the cache to fill during the first epoch.
         progress: show a progress bar (rank 0 only).
     """
@@ -47,6 +50,7 @@ class TeacherCacheWarmUp:
         datalist: Sequence[dict],
         transform: Callable[[dict], dict],
         roi_size: Sequence[int],
+        whole_slices: bool = False,
         enabled: bool = True,
         progress: bool = True,
     ) -> None:
@@ -54,6 +58,7 @@ class TeacherCacheWarmUp:
         self.datalist = list(datalist)
         self.transform = transform
         self.roi_size = tuple(int(r) for r in roi_size)
+        self.whole_slices = whole_slices
         self.enabled = enabled
         self.progress = progress
         self.summary: dict[str, float] = {}
@@ -63,11 +68,14 @@ class TeacherCacheWarmUp:
 
     def crops(self, image: torch.Tensor) -> list[torch.Tensor]:
         """The fixed-tile crops of one ``(C, *spatial)`` image as the teacher sees them: ``(N, C, H, W)``
-        slices (2D: one per tile; 3D: every slice of each in-plane tile, along the teacher's slice axis)."""
+        slices (2D: one per tile; 3D: every slice of each in-plane tile, along the teacher's slice axis);
+        with ``whole_slices`` one entry, the whole image or all of the volume's slices."""
         spatial = image.shape[1:]
         if len(spatial) != len(self.roi_size):
             raise ValueError(f"unlabelled image of spatial shape {list(spatial)} for roi_size {list(self.roi_size)}")
         volume = len(spatial) == 3
+        if self.whole_slices:
+            return [self.teacher.to_slices(image[None]) if volume else image[None]]
         axes_starts = []
         for axis, (size, roi) in enumerate(zip(spatial, self.roi_size, strict=True)):
             if volume and axis == self.teacher.slice_axis:
