@@ -127,3 +127,25 @@ def test_inference_on_itk_formats_writes_nifti_in_their_space(tmp_path, model_3d
     expected = LoadImage(image_only=True)(str(src / f"case{suffix}"))
     assert seg.shape == expected.shape == (26, 30, 12)
     assert np.allclose(seg.affine, expected.affine.numpy(), atol=1e-4)
+
+
+def test_inference_keeps_only_the_largest_component_of_the_chosen_classes(tmp_path, model_3d):
+    from scipy import ndimage
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(3)
+    nib.save(nib.Nifti1Image(rng.normal(0, 1, (40, 36, 16)).astype(np.float32), np.eye(4)), src / "noise.nii.gz")
+
+    def segment(out: str, **overrides) -> np.ndarray:
+        run("inference", config_file=INFER, ckpt_path=str(model_3d), input_dir=str(src), output_dir=str(tmp_path / out),
+            roi_size=[32, 32, 16], **TINY_NET, **overrides)  # fmt: skip
+        return np.asanyarray(nib.load(tmp_path / out / "noise_seg.nii.gz").dataobj)
+
+    def count(mask: np.ndarray) -> int:
+        return ndimage.label(mask, structure=np.ones((3, 3, 3)))[1]
+
+    raw, kept = segment("raw"), segment("kept", largest_component_labels=[1])
+    assert count(raw == 1) > 1, "the untrained student scatters class 1 (the premise of this test)"
+    assert count(kept == 1) == 1 and np.array_equal(kept == 2, raw == 2)
+    assert set(np.unique(raw[raw != kept])) == {1} and set(np.unique(kept[raw != kept])) == {0}
