@@ -3,6 +3,12 @@
     python bench/gate_audit.py --task colin27 --stage1 <folder with models/pretrain.pt>
     python bench/gate_audit.py --quick --out /tmp/gate      # tiny embedded data: a smoke test
     python bench/gate_audit.py --task colin27 --report-only  # rebuild the results.md table from the JSON
+    python bench/gate_audit.py --setting 3d_patch --work bundle/eval/sweep/3d_patch --variants 0 2 5 6 7 10 11
+
+``--work`` audits a sweep's own run: its data, teacher cache and seed's stage 1 (both paths). Where the
+images are larger than ``roi_size`` (3D at clinical size), the audit cuts ``--patches`` patches per
+image at the tiles stage 2 draws them from, and the generalized teacher sees their whole slices, as in
+training (``teacher_whole_slices``).
 
 Stage 2 starts from the stage 1 student (both distillation paths): its EMA teacher is that student.
 With the same teachers' inputs, each variant of the gate (calibration, prompts, abstention, threshold
@@ -35,10 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.diagnostics import hidden_label_pairs, load_pairs  # noqa: E402
 from bench.report import replace_section  # noqa: E402
-from bench.sweep import commit, portable, setting_overrides  # noqa: E402
+from bench.sweep import SETTINGS, commit, portable, setting_overrides, train_configs  # noqa: E402
 
 CONFIGS = ROOT / "bundle" / "configs"
-TRAIN = str(CONFIGS / "train.json")
 DOCS = ROOT / "bundle" / "docs"
 
 #: (name, bundle overrides on top of UnCoL as it was): each change alone, then the combinations that
@@ -109,9 +114,44 @@ def labelled_class_prior(parser, datalist: Path) -> torch.Tensor:
     return counts.float() / counts.sum()
 
 
-def audit_variant(overrides: dict, images: torch.Tensor, labels: torch.Tensor, prior: torch.Tensor) -> dict:
+def cut_patches(
+    images: torch.Tensor, labels: torch.Tensor, roi_size: list[int], per_image: int, slice_axis: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """``per_image`` distinct patches of each image at the tiles stage 2 draws unlabelled patches from,
+    with their labels, their whole-slice contexts and starts (what the generalized teacher is given)."""
+    from custom.data.crops import RandGridCropd
+
+    crop = RandGridCropd(["image", "label"], roi_size, tiles=True, context_key="context", context_axis=slice_axis)
+    crop.set_random_state(seed)
+    patches, patch_labels, contexts, starts = [], [], [], []
+    for image, label in zip(images, labels, strict=True):
+        seen: set[tuple[int, ...]] = set()
+        for _ in range(20 * per_image):  # tiles are drawn at random: skip repeats (small images have few)
+            d = crop({"image": image, "label": label})
+            start = tuple(d["context_start"].tolist())
+            if start not in seen:
+                seen.add(start)
+                patches.append(d["image"])
+                patch_labels.append(d["label"])
+                contexts.append(d["context"])
+                starts.append(d["context_start"])
+            if len(seen) == per_image:
+                break
+    return torch.stack(patches), torch.stack(patch_labels), contexts, torch.stack(starts)
+
+
+def audit_variant(
+    configs: list[str],
+    overrides: dict,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    prior: torch.Tensor,
+    contexts: list[torch.Tensor] | None = None,
+    starts: torch.Tensor | None = None,
+) -> dict:
     """Build stage 2 from the configs with ``overrides``, calibrate if asked, and audit its gate at the
-    threshold schedule's first and last value."""
+    threshold schedule's first and last value. ``contexts`` / ``starts``: the patches' whole slices
+    and where each patch starts in them (see :func:`cut_patches`); ``None``: images are whole."""
     from monai.bundle import ConfigParser
 
     from custom.handlers.calibration import TeacherCalibration, ece
@@ -119,7 +159,7 @@ def audit_variant(overrides: dict, images: torch.Tensor, labels: torch.Tensor, p
     from custom.handlers.ramps import gate_schedule
 
     parser = ConfigParser()
-    parser.read_config(TRAIN)
+    parser.read_config(configs)
     parser.update(overrides)
     parser.get_parsed_content("initialize")
     iteration = parser.get_parsed_content("semi_supervised_iteration")
@@ -139,7 +179,9 @@ def audit_variant(overrides: dict, images: torch.Tensor, labels: torch.Tensor, p
     start = time.perf_counter()
     spec, gen = [], []
     for k in range(0, len(images), 4):
-        s, g = iteration.teacher_probs(images[k : k + 4].to(device))
+        context = None if contexts is None else contexts[k : k + 4]
+        start_ = None if starts is None else starts[k : k + 4]
+        s, g = iteration.teacher_probs(images[k : k + 4].to(device), context, start_)
         spec.append(s.cpu())
         gen.append(g.cpu())
     spec, gen = torch.cat(spec), torch.cat(gen)
@@ -226,11 +268,17 @@ def table(payload: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     args_ = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args_.add_argument("--task", choices=("colin27", "macaque"), default=None, help="a real-anatomy task")
+    args_.add_argument(
+        "--setting", choices=sorted(SETTINGS), default=None, help="a sweep setting (default: --task or 2d)"
+    )
     args_.add_argument("--quick", action="store_true", help="tiny embedded images and models (smoke test)")
     args_.add_argument("--fraction", type=float, default=0.1)
     args_.add_argument("--seed", type=int, default=0)
     args_.add_argument("--stage1", default=None, help="folder holding models/pretrain.pt (stage 1, both paths)")
+    args_.add_argument("--work", default=None, help="a sweep's work folder: its data, teacher cache and stage 1")
     args_.add_argument("--images", type=int, default=16, help="unlabelled images audited")
+    args_.add_argument("--patches", type=int, default=4, help="patches per image where images exceed roi_size")
+    args_.add_argument("--variants", type=int, nargs="+", default=None, help="indices into VARIANTS (default: all)")
     args_.add_argument("--out", default=str(ROOT / "bundle" / "eval" / "gate_audit"))
     args_.add_argument("--results", default=None, help="folder of the JSON (default: bundle/docs/results)")
     args_.add_argument("--results-md", default=None)
@@ -238,7 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     args = args_.parse_args(argv)
     from monai.bundle import ConfigParser, run
 
-    setting = "quick" if args.quick else args.task or "2d"
+    setting = "quick" if args.quick else args.setting or args.task or "2d"
+    task = SETTINGS[setting].get("task")
     out = Path(args.out) / setting
     results = Path(args.results) if args.results else DOCS / "results"
     page = Path(args.results_md) if args.results_md else results.parent / "results.md"
@@ -247,43 +296,63 @@ def main(argv: list[str] | None = None) -> None:
         replace_section(page, f"gate-audit-{setting}", table(payload))
         print(table(payload))
         return
-    dataset = out / "data"
-    if args.task:
+    work = Path(args.work).absolute() if args.work else None  # not resolved: the JSON names it from ROOT
+    dataset = work / "data" / f"fraction_{args.fraction:g}" if work else out / "data"
+    cache = work / "teacher_cache" if work else out / "teacher_cache"
+    seed_root = work / f"fraction_{args.fraction:g}" / f"seed{args.seed}" if work else None
+    stage1 = args.stage1 or (str(seed_root / "stage1_both") if seed_root else None)
+    if task:
         from custom.data.real_brain import prepare
 
-        prepare(dataset, args.task, labelled_fraction=args.fraction, seed=args.seed)
+        prepare(dataset, task, labelled_fraction=args.fraction, seed=args.seed)
+    configs = train_configs(setting)
     overrides = {
         "bundle_root": str(out),
-        **setting_overrides(setting, args.fraction, args.seed, dataset, out / "teacher_cache"),
+        **setting_overrides(setting, args.fraction, args.seed, dataset, cache),
         "teachers": "both",
     }
     ckpt = out / "models" / "pretrain.pt"
-    if args.stage1:
+    if stage1:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(Path(args.stage1) / "models" / "pretrain.pt", ckpt)
+        shutil.copy(Path(stage1) / "models" / "pretrain.pt", ckpt)
     if not ckpt.is_file():
-        run("pretrain", config_file=[TRAIN, str(CONFIGS / "pretrain.json")], distillation="both", **overrides)
+        run("pretrain", config_file=[*configs, str(CONFIGS / "pretrain.json")], distillation="both", **overrides)
     parser = ConfigParser()
-    parser.read_config(TRAIN)
+    parser.read_config(configs)
     parser.update(overrides)
     parser.get_parsed_content("embedded_data")  # the embedded generator writes its data (no-op otherwise)
     datalist = dataset / "datalist.json"
     images, labels = load_pairs(parser, hidden_label_pairs(datalist, args.images))
     prior = labelled_class_prior(parser, datalist)
+    audited, patched, contexts, starts = len(images), False, None, None
+    roi = list(parser.get_parsed_content("roi_size"))
+    if any(s > r for s, r in zip(images.shape[2:], roi, strict=True)):  # training sees patches of these
+        slice_axis = int(parser.get_parsed_content("teacher_def#slice_axis"))
+        images, labels, contexts, starts = cut_patches(images, labels, roi, args.patches, slice_axis, args.seed)
+        patched = True
+        if not parser.get_parsed_content("teacher_whole_slices"):
+            contexts = starts = None
+    chosen = range(len(VARIANTS)) if args.variants is None else args.variants
     variants = []
-    for name, change in VARIANTS:
-        result = audit_variant({**overrides, **change}, images, labels, prior)
+    for name, change in (VARIANTS[i] for i in chosen):
+        result = audit_variant(configs, {**overrides, **change}, images, labels, prior, contexts, starts)
         variants.append({"name": name, "overrides": change, "result": result})
         print(name, json.dumps(result["end"]))
+    options = [
+        f"--setting {setting}" if args.setting else "",
+        f"--task {args.task}" if args.task else "",
+        "--quick" if args.quick else "",
+        f"--work {portable({'w': str(work)})['w']}" if work else "",
+        f"--stage1 {stage1_provenance(stage1)['path']}" if args.stage1 else "",
+        f"--variants {' '.join(map(str, args.variants))}" if args.variants else "",
+    ]
     payload = {
-        "command": "python bench/gate_audit.py"
-        + (f" --task {args.task}" if args.task else "")
-        + (" --quick" if args.quick else "")
-        + (f" --stage1 {stage1_provenance(args.stage1)['path']}" if args.stage1 else ""),
+        "command": " ".join(["python bench/gate_audit.py", *filter(None, options)]),
         "commit": commit(),
         "setting": setting,
-        "stage1": stage1_provenance(args.stage1) if args.stage1 else None,
-        "images": len(images),
+        "stage1": stage1_provenance(stage1) if stage1 else None,
+        "images": audited,
+        "patches": len(images) if patched else None,
         "overrides": portable(overrides),
         "variants": variants,
     }

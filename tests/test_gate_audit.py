@@ -38,3 +38,20 @@ def test_committed_audit_rebuilds_with_n_a_where_a_score_was_not_recorded():
     column = header.index("each class kept as another % (end)")
     assert rows[2].split("|")[column].strip() == "n/a"
     assert rows[3].split("|")[column].strip() != "n/a"  # the committed audit records them
+
+
+def test_patches_are_distinct_tiles_with_their_labels_and_whole_slices():
+    from bench.gate_audit import cut_patches
+
+    images = torch.arange(2 * 48 * 32 * 32, dtype=torch.float32).reshape(2, 1, 48, 32, 32)
+    labels = (images > images.mean()).long()
+    patches, patch_labels, contexts, starts = cut_patches(images, labels, [32, 16, 16], 3, slice_axis=2, seed=0)
+    assert patches.shape == (6, 1, 32, 16, 16) and patch_labels.shape == patches.shape and starts.shape == (6, 3)
+    for k in range(6):
+        image, label, (x, y, z) = images[k // 3], labels[k // 3], starts[k].tolist()
+        assert torch.equal(patches[k], image[:, x : x + 32, y : y + 16, z : z + 16])
+        assert torch.equal(patch_labels[k], label[:, x : x + 32, y : y + 16, z : z + 16])
+        # the context is the patch's slices whole: cut along the slice axis only
+        assert torch.equal(contexts[k], image[:, :, :, z : z + 16])
+    for first in (0, 3):  # no tile twice from one image
+        assert len({tuple(s.tolist()) for s in starts[first : first + 3]}) == 3
