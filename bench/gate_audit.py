@@ -86,7 +86,8 @@ def class_recall(
     """Per foreground class, the share of its true voxels that each teacher's argmax and the kept
     pseudo-label call that class: where a class the students must learn goes missing (a class the
     pseudo-labels never supervise as itself is unlearned); and the share kept as another class (what
-    teaches the student to unlearn it)."""
+    teaches the student to unlearn it), of it as background (the rest is another foreground class: an
+    organ around a lesion, which ``pseudo_label_nesting`` no longer counts against the lesion)."""
     out = []
     for c in range(1, spec.shape[1]):
         true = truth == c
@@ -100,6 +101,7 @@ def class_recall(
             "class": c, "voxels": n, "ema": share(spec.argmax(1)), "litemedsam": share(gen.argmax(1)),
             "kept_pseudo_label": share(pseudo, kept),
             "kept_as_other": None if n == 0 else round(float((kept & true & (pseudo != c)).sum()) / n, 4),
+            "kept_as_background": None if n == 0 else round(float((kept & true & (pseudo == 0)).sum()) / n, 4),
         })  # fmt: skip
     return out
 

@@ -67,6 +67,18 @@ METHODS = {
         "stage1": "both",
         "stage2": {"teachers": "both", "gate": "quantile", "disagreement": "mask", "class_guard": "prior"},
     },
+    # and a pseudo-label of a class others lie inside (the organ around a lesion) read as "it or one
+    # inside it": a lesion both teachers miss is no longer taught to be organ (custom/losses/pseudo_label.py)
+    "uncol_quantile_agree_guarded_nested": {
+        "stage1": "both",
+        "stage2": {
+            "teachers": "both",
+            "gate": "quantile",
+            "disagreement": "mask",
+            "class_guard": "prior",
+            "pseudo_label_nesting": "labelled",
+        },
+    },
 }
 #: the methods a sweep runs unless --methods says otherwise (the ablation rows are asked for by name)
 DEFAULT_METHODS = ["supervised", "mean_teacher", "distilled_supervised", "uncol_generalized", "uncol"]
@@ -80,6 +92,7 @@ LABELS = {
     "uncol_quantile_agree": "UnCoL + quantile gate + disagreement masked",
     "uncol_calibrated": "UnCoL + temperature calibration",
     "uncol_quantile_agree_guarded": "UnCoL + quantile gate + disagreement masked + class guard",
+    "uncol_quantile_agree_guarded_nested": "UnCoL + quantile gate + disagreement masked + class guard + nested labels",
 }
 
 #: size and budget per setting: configs layered on train.json, dataset generator overrides, bundle

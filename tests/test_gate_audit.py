@@ -21,10 +21,12 @@ def test_class_recall_counts_each_class_found_and_kept_as_another():
         "litemedsam": 1.0,
         "kept_pseudo_label": 0.5,
         "kept_as_other": 0.0,
+        "kept_as_background": 0.0,
     }
     # class 2: the EMA teacher never calls it, two of its three voxels are kept as class 1 or background
     assert two["ema"] == 0.0 and two["litemedsam"] == round(1 / 3, 4)
     assert two["kept_pseudo_label"] == 0.0 and two["kept_as_other"] == round(2 / 3, 4)
+    assert two["kept_as_background"] == round(1 / 3, 4)  # the other third is kept as class 1
 
 
 def test_committed_audit_rebuilds_with_n_a_where_a_score_was_not_recorded():

@@ -113,3 +113,52 @@ def test_class_guard_abstains_where_the_prior_expects_a_class_the_pseudo_label_l
         gate(spec, None, threshold=0.0)
     with pytest.raises(ValueError, match="guard"):
         EntropyGate("both", guard="atlas")
+
+
+def _organ_with_lesion() -> torch.Tensor:
+    """(1, 1, 12, 12) label: an organ (1) holding a lesion (2), and a separate class 3 on background."""
+    label = torch.zeros(1, 1, 12, 12, dtype=torch.long)
+    label[..., 1:8, 1:8] = 1
+    label[..., 3:5, 3:6] = 2
+    label[..., 9:11, 8:11] = 3
+    return label
+
+
+def test_a_class_inside_another_is_found_from_its_border():
+    from custom.losses.pseudo_label import border_class_counts, nested_parents
+
+    counts = border_class_counts(_organ_with_lesion(), 4)
+    assert counts[2].tolist() == [0, 14, 0, 0]  # the 2 x 3 lesion's 4 x 5 box less itself: all organ
+    assert nested_parents(counts) == [None, None, 1, None]  # organ and class 3 border background
+    volume = _organ_with_lesion()[:, :, None].expand(1, 1, 3, 12, 12)  # the same in 3D
+    assert nested_parents(border_class_counts(volume, 4)) == [None, None, 1, None]
+    touching = torch.zeros(1, 1, 4, 6, dtype=torch.long)
+    touching[..., :, :3], touching[..., :, 3:] = 1, 2  # two classes filling the image, each along the other
+    assert nested_parents(border_class_counts(touching, 3)) == [None, None, None]
+
+
+def test_nested_loss_is_the_plain_loss_without_nesting_and_forgives_a_missed_inner_class():
+    from custom.losses.pseudo_label import nesting_matrix
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 6, 6)
+    pseudo = torch.randint(0, 4, (2, 1, 6, 6))
+    mask = (torch.rand(2, 1, 6, 6) > 0.3).float()
+    plain = PseudoLabelLoss()(logits, pseudo, mask)
+    nested = PseudoLabelLoss(nesting="labelled")
+    assert nested._nested(logits, pseudo, mask, torch.eye(4)) == pytest.approx(float(plain), rel=1e-5)
+    assert nested(logits, pseudo, mask, parents=[None] * 4) == pytest.approx(float(plain), rel=1e-6)
+    assert nesting_matrix([None, None, 1, 2]).tolist() == [[1, 0, 0, 0], [0, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1]]
+
+    # every voxel pseudo-labelled organ (1); the student says lesion (2, inside the organ) on half
+    organ = torch.ones(1, 1, 2, 4, dtype=torch.long)
+    says = torch.full((1, 3, 2, 4), -8.0)
+    says[:, 1, 0], says[:, 2, 1] = 8.0, 8.0
+    ones = torch.ones(1, 1, 2, 4)
+    assert PseudoLabelLoss(nesting="labelled")(says, organ, ones, parents=[None, None, 1]) < 1e-4
+    assert PseudoLabelLoss()(says, organ, ones) > 1.0  # the plain loss teaches "not lesion" there
+    # the other way round is not forgiven: pseudo-lesion where the student says organ
+    lesion = torch.full_like(organ, 2)
+    assert PseudoLabelLoss(nesting="labelled")(says, lesion, ones, parents=[None, None, 1]) > 1.0
+    with pytest.raises(ValueError, match="nesting"):
+        PseudoLabelLoss(nesting="atlas")

@@ -283,9 +283,9 @@ def _step_setup(seed: int = 0):
     seen: dict = {}
 
     class Recorded(PseudoLabelLoss):
-        def forward(self, logits, pseudo, mask):
-            seen.update(pseudo=pseudo, mask=mask)
-            return super().forward(logits, pseudo, mask)
+        def forward(self, logits, pseudo, mask, **nesting):
+            seen.update(pseudo=pseudo, mask=mask, **nesting)
+            return super().forward(logits, pseudo, mask, **nesting)
 
     step = SemiSupervisedIteration(EntropyGate("specialized"), Recorded(), ema, seed=seed)
     inputs = []
@@ -360,3 +360,22 @@ def test_class_guard_keeps_a_class_the_ema_teacher_never_predicts_out_of_the_wro
     assert int(guarded.sum()) == expected and 0 < expected < p2.numel()
     assert float(p2[guarded].min()) >= float(p2[~guarded].max())  # exactly the most class-2-like pixels
     assert trainer.state.output[0]["gate_guarded"] == pytest.approx(expected / p2.numel())  # decollated: per item
+
+
+def test_nesting_reads_which_class_lies_inside_which_off_the_labelled_batch():
+    """With ``nesting="labelled"`` the loss is told that class 2 lies inside class 1 in the labelled
+    labels (a lesion in an organ); with the default it is told nothing."""
+    trainer, step, ema, batch, seen, inputs = _step_setup()
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: setattr(e.state, "gate_threshold", 0.9))
+    label = torch.zeros(2, 1, 32, 32, dtype=torch.long)
+    label[..., 4:20, 4:24] = 1
+    label[..., 8:12, 10:14] = 2
+    batch["labelled"]["label"] = label
+    trainer.run()
+    assert "parents" not in seen
+    trainer, step, ema, batch, seen, inputs = _step_setup()
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: setattr(e.state, "gate_threshold", 0.9))
+    batch["labelled"]["label"] = label
+    step.pseudo_loss.nesting = "labelled"
+    trainer.run()
+    assert seen["parents"] == [None, None, 1] and step.parents == [None, None, 1]

@@ -6,6 +6,7 @@ handlers; these callables hold only the step's own logic.
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 
 import torch
@@ -15,11 +16,13 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 
 from custom.losses.distillation import SemanticDistillationLoss, VisualDistillationLoss
-from custom.losses.pseudo_label import EntropyGate
+from custom.losses.pseudo_label import EntropyGate, border_class_counts, nested_parents
 from custom.teachers.cache import image_key
 from custom.teachers.generalized import GeneralizedTeacher
 from custom.teachers.prompts import Prompts
 from custom.teachers.targets import FUSION_KEY, VALID_KEY, distillation_targets, unfold_fusion
+
+logger = logging.getLogger(__name__)
 
 
 def _optimise(engine, loss: torch.Tensor, cuda_amp: bool) -> dict:
@@ -241,6 +244,10 @@ class SemiSupervisedIteration:
         self.labelled_class_voxels: torch.Tensor | None = None
         #: voxels per class of every labelled batch so far (never reset): the class guard's prior
         self.labelled_class_total: torch.Tensor | None = None
+        #: ``(C, C)`` border counts of every labelled batch so far (``nesting="labelled"`` only): which
+        #: class lies inside which (:func:`~custom.losses.pseudo_label.nested_parents`)
+        self.labelled_border_total: torch.Tensor | None = None
+        self.parents: list[int | None] | None = None
 
     @torch.no_grad()
     def teacher_probs(
@@ -294,6 +301,18 @@ class SemiSupervisedIteration:
             counts if self.labelled_class_voxels is None else self.labelled_class_voxels + counts
         )
         self.labelled_class_total = counts if self.labelled_class_total is None else self.labelled_class_total + counts
+
+    def nested_parents(self, labels: torch.Tensor, num_classes: int) -> list[int | None]:
+        """Which class lies inside which, from every labelled batch so far (this one included)."""
+        counts = border_class_counts(labels, num_classes)
+        total = self.labelled_border_total
+        self.labelled_border_total = counts if total is None else total + counts
+        parents = nested_parents(self.labelled_border_total)
+        if parents != self.parents:
+            inside = ", ".join(f"{c} inside {p}" for c, p in enumerate(parents) if p is not None) or "none"
+            logger.info(f"pseudo-label nesting from the labelled batches: {inside}")
+            self.parents = parents
+        return parents
 
     def _count_kept(self, kept: torch.Tensor, num_classes: int) -> None:
         counts = torch.bincount(kept.long().flatten(), minlength=num_classes)
@@ -360,6 +379,9 @@ class SemiSupervisedIteration:
             spec if self.gate.teachers != "generalized" else None, gen, threshold, class_prior=prior, prior_probs=spec
         )
         self._count_kept(gated.pseudo_label[gated.mask.bool()], spec.shape[1])
+        nesting = {}
+        if getattr(self.pseudo_loss, "nesting", "none") == "labelled":
+            nesting["parents"] = self.nested_parents(labels, spec.shape[1])
         strong, pseudo, mask = random_flip_rot90(
             [strong, gated.pseudo_label.float(), gated.mask], generator=self.generator
         )
@@ -375,7 +397,7 @@ class SemiSupervisedIteration:
             output[Keys.PRED] = logits[:n]
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             loss_sup = engine.loss_function(output[Keys.PRED], labels)
-            loss_pseudo = self.pseudo_loss(logits[n:].float(), pseudo.long(), mask)
+            loss_pseudo = self.pseudo_loss(logits[n:].float(), pseudo.long(), mask, **nesting)
             loss = loss_sup + unsup_weight * loss_pseudo
             distill = {}
             if self.distillation is not None:
