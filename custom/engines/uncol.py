@@ -302,7 +302,7 @@ class SemiSupervisedIteration:
         )
         self.labelled_class_total = counts if self.labelled_class_total is None else self.labelled_class_total + counts
 
-    def nested_parents(self, labels: torch.Tensor, num_classes: int) -> list[int | None]:
+    def update_nesting(self, labels: torch.Tensor, num_classes: int) -> list[int | None]:
         """Which class lies inside which, from every labelled batch so far (this one included)."""
         counts = border_class_counts(labels, num_classes)
         total = self.labelled_border_total
@@ -381,7 +381,7 @@ class SemiSupervisedIteration:
         self._count_kept(gated.pseudo_label[gated.mask.bool()], spec.shape[1])
         nesting = {}
         if getattr(self.pseudo_loss, "nesting", "none") == "labelled":
-            nesting["parents"] = self.nested_parents(labels, spec.shape[1])
+            nesting["parents"] = self.update_nesting(labels, spec.shape[1])
         strong, pseudo, mask = random_flip_rot90(
             [strong, gated.pseudo_label.float(), gated.mask], generator=self.generator
         )
