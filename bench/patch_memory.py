@@ -1,7 +1,7 @@
 """Peak memory and time of a 3D stage 2 training step vs volume size, at one ``roi_size``.
 
     python bench/patch_memory.py [--sizes 96x96x96 256x256x128] [--roi 96 96 64] [--teachers specialized]
-                                 [--steps 3] [--out bundle/docs/results/patch_memory.json]
+                                 [--steps 3] [--huge-pages on|off] [--out bundle/docs/results/patch_memory.json]
 
 Each size runs in a fresh process: the bundle's train.json + train_3d.json on a dataset of that volume
 size (bench/own_data.py's generator, 4 classes, at train_3d's spacing so no resampling changes it),
@@ -9,13 +9,16 @@ stage 2 built by the bundle's own parser. Memory is the process's resident set (
 every 5 ms): ``dataset_mb`` once the cached datasets hold their volumes, ``step_peak_mb`` the peak
 during the training steps above that. Training memory should follow ``roi_size``, not the volume; the
 resident dataset follows the volume by design (CacheDataset keeps the preprocessed volumes in RAM).
-The student starts from random weights (memory and time do not depend on them).
+The student starts from random weights (memory and time do not depend on them). ``--huge-pages off``
+runs the children with ``THP_MEM_ALLOC_ENABLE=0`` (custom/__init__.py turns it on by default), to
+measure what transparent huge pages save; each run records the setting and the kernel's THP mode.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -59,10 +62,17 @@ class PeakRSS:
         self.peak = max(self.peak, rss_mb())
 
 
-def fresh_process(cmd: list[str], what: str) -> dict:
+def kernel_thp_mode() -> str:
+    """The kernel's transparent huge page mode (the bracketed word), or "unknown"."""
+    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    text = path.read_text() if path.is_file() else ""
+    return text.split("[")[1].split("]")[0] if "[" in text else "unknown"
+
+
+def fresh_process(cmd: list[str], what: str, env: dict[str, str] | None = None) -> dict:
     """Run ``cmd`` (this script with ``--one ...``) in a new process and return the JSON it printed
     after ``RESULT``; exit with its error output if it failed."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.exit(f"{Path(cmd[1]).stem}: {what} failed:\n{proc.stderr[-3000:]}")
@@ -119,6 +129,8 @@ def one_size(shape: tuple[int, ...], roi: list[int], teachers: str, steps: int) 
         "step_peak_above_dataset_mb": round(peak.peak - dataset_mb),
         "seconds_per_step": [round(s, 2) for s in step_seconds],
         "threads": torch.get_num_threads(),
+        "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        "kernel_thp": kernel_thp_mode(),
     }
 
 
@@ -128,6 +140,7 @@ def main() -> None:
     parser.add_argument("--roi", type=int, nargs=3, default=[96, 96, 64])
     parser.add_argument("--teachers", default="specialized", choices=("specialized", "generalized", "both"))
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--huge-pages", default="on", choices=("on", "off"))
     parser.add_argument("--out", default=str(ROOT / "bundle" / "docs" / "results" / "patch_memory.json"))
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one size, JSON to stdout
     args = parser.parse_args()
@@ -135,11 +148,12 @@ def main() -> None:
         shape = tuple(int(v) for v in args.one.split("x"))
         print("RESULT " + json.dumps(one_size(shape, args.roi, args.teachers, args.steps)))
         return
+    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1" if args.huge_pages == "on" else "0"}
     runs = []
     for size in args.sizes:
         cmd = [sys.executable, __file__, "--one", size, "--roi", *map(str, args.roi), "--teachers", args.teachers]
         cmd += ["--steps", str(args.steps)]
-        runs.append(fresh_process(cmd, f"size {size}"))
+        runs.append(fresh_process(cmd, f"size {size}", env))
         print(json.dumps(runs[-1]))
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {
