@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,6 +16,26 @@ CONFIGS = REPO / "bundle" / "configs"
 # `make test` runs two pytest-xdist workers on the 2 cores: one torch thread each (2 threads in each of
 # two workers oversubscribes the cores and slows both several-fold); a plain `pytest` keeps 2
 os.environ.setdefault("OMP_NUM_THREADS", "1" if "PYTEST_XDIST_WORKER" in os.environ else "2")
+
+#: LiteMedSAM's encoder outputs for the tiny runs, shared by the session's tests and xdist workers: every
+#: tiny run has the same images, and entries are keyed by their pixels and written atomically, so a
+#: later run is served what the first one encoded (about 1.5 s a 32x32 image on one core). Tests that
+#: count what a run encodes give it a cache of its own.
+SHARED_CACHE_ENV = "UNCOL_TEST_TEACHER_CACHE"
+
+
+def pytest_configure(config) -> None:
+    if SHARED_CACHE_ENV not in os.environ:  # the controller (or a plain pytest): workers inherit its folder
+        os.environ[SHARED_CACHE_ENV] = tempfile.mkdtemp(prefix="uncol-test-teacher-cache-")
+        config._uncol_shared_cache = os.environ[SHARED_CACHE_ENV]
+
+
+def pytest_unconfigure(config) -> None:
+    folder = getattr(config, "_uncol_shared_cache", None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+        del os.environ[SHARED_CACHE_ENV]
+
 
 #: generator parameters of the tiny 2D dataset (32x32, 4 train cases of which 2 labelled)
 TINY_2D = {
@@ -51,6 +73,7 @@ def tiny_train_overrides(bundle_root: Path, spatial_dims: int = 2) -> dict:
         "max_epochs": 2,
         "pretrain_epochs": 2,
         "val_interval": 1,
+        "teacher_cache_dir": os.environ[SHARED_CACHE_ENV],
         **TINY_NET,
     }
 

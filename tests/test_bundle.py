@@ -72,11 +72,11 @@ def test_training_writes_a_loadable_checkpoint(trained):
     network.load_state_dict(student_state(trained.root / "models" / "model.pt"), strict=True)
 
 
-def test_training_resumes_from_its_last_checkpoint(trained, tmp_path):
+def test_training_resumes_from_its_last_checkpoint(trained, tmp_path, capfd):
     root = tmp_path / "resume"
     shutil.copytree(trained.root, root)
-    proc = _cli("training", [TRAIN], {**tiny_train_overrides(root), "resume": "True", "max_epochs": 3})
-    log = proc.stdout + proc.stderr
+    run("training", config_file=TRAIN, **{**tiny_train_overrides(root), "resume": True, "max_epochs": 3})
+    log = "".join(capfd.readouterr())
     assert "Epoch[3] Complete" in log and "Epoch[1] Complete" not in log  # only the missing epoch ran
     assert "running stage 1" not in log
     state = torch.load(root / "models" / "stage2_last.pt", map_location="cpu", weights_only=True)
@@ -106,8 +106,7 @@ def test_stage2_can_continue_the_distillation(trained, tmp_path):
     overrides = {
         **tiny_train_overrides(tmp_path),
         "max_epochs": 1,
-        "distillation": "both",
-        "teacher_cache_dir": str(trained.root / "cache" / "teacher"),
+        "distillation": "both",  # its targets are served by the cache stage 1 filled (tiny_train_overrides)
     }
     workflow = ConfigWorkflow(config_file=TRAIN, run_id="training", **overrides)
     workflow.initialize()
@@ -225,12 +224,14 @@ def test_inference_and_training_build_the_same_network():
     assert infer["num_classes"]["_target_"].endswith("recorded_value")
 
 
-def test_training_killed_mid_run_resumes_from_its_last_epoch(tmp_path):
+def test_training_killed_mid_run_resumes_from_its_last_epoch(trained, tmp_path):
     """SIGKILL a real training process after its second epoch's checkpoint, then resume it with one flag."""
     import os
     import signal
     import time
 
+    (tmp_path / "models").mkdir()  # stage 2 from the fixture's stage 1: stage 2's states are what is resumed
+    shutil.copy(trained.root / "models" / "pretrain.pt", tmp_path / "models" / "pretrain.pt")
     overrides = {**tiny_train_overrides(tmp_path), "max_epochs": 5}
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN]
     for key, value in overrides.items():
