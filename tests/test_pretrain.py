@@ -48,8 +48,7 @@ def pretrained(tmp_path_factory):
     workflow = ConfigWorkflow(
         config_file=[TRAIN, PRETRAIN],
         run_id="pretrain",
-        **tiny_train_overrides(root),
-        teacher_cache_dir=str(root / "cache"),
+        **{**tiny_train_overrides(root), "teacher_cache_dir": str(root / "cache")},  # counted below: its own
     )
     workflow.initialize()
     workflow.run()
