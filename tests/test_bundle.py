@@ -44,6 +44,12 @@ def trained(tmp_path_factory):
     return SimpleNamespace(root=root, stdout=proc.stdout)
 
 
+def _start_from_stage1(trained, root) -> None:
+    """Give the bundle at ``root`` the fixture's stage 1 checkpoint, so a training run there is stage 2 only."""
+    (root / "models").mkdir()
+    shutil.copy(trained.root / "models" / "pretrain.pt", root / "models" / "pretrain.pt")
+
+
 def test_training_runs_stage1_first_then_stage2_and_logs_the_gate(trained):
     assert "running stage 1 (pretrain) first" in trained.stdout
     # stage 1 ran on the very data stage 2 uses (the tiny 32x32 set), not a regenerated default set
@@ -86,8 +92,7 @@ def test_training_resumes_from_its_last_checkpoint(trained, tmp_path, capfd):
 
 @pytest.mark.parametrize("teachers", ["specialized", "generalized"])
 def test_each_teachers_setting_runs(trained, tmp_path, teachers):
-    (tmp_path / "models").mkdir()
-    shutil.copy(trained.root / "models" / "pretrain.pt", tmp_path / "models" / "pretrain.pt")
+    _start_from_stage1(trained, tmp_path)
     overrides = {**tiny_train_overrides(tmp_path), "max_epochs": 1, "teachers": teachers}
     workflow = ConfigWorkflow(config_file=TRAIN, run_id="training", **overrides)
     workflow.initialize()
@@ -101,8 +106,7 @@ def test_each_teachers_setting_runs(trained, tmp_path, teachers):
 
 
 def test_stage2_can_continue_the_distillation(trained, tmp_path):
-    (tmp_path / "models").mkdir()
-    shutil.copy(trained.root / "models" / "pretrain.pt", tmp_path / "models" / "pretrain.pt")
+    _start_from_stage1(trained, tmp_path)
     overrides = {
         **tiny_train_overrides(tmp_path),
         "max_epochs": 1,
@@ -230,8 +234,7 @@ def test_training_killed_mid_run_resumes_from_its_last_epoch(trained, tmp_path):
     import signal
     import time
 
-    (tmp_path / "models").mkdir()  # stage 2 from the fixture's stage 1: stage 2's states are what is resumed
-    shutil.copy(trained.root / "models" / "pretrain.pt", tmp_path / "models" / "pretrain.pt")
+    _start_from_stage1(trained, tmp_path)  # stage 2's states are what is resumed
     overrides = {**tiny_train_overrides(tmp_path), "max_epochs": 5}
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN]
     for key, value in overrides.items():
