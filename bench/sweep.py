@@ -395,7 +395,7 @@ def per_seed_table(results: list[dict]) -> str:
             for s in seeds
             if (fraction, method, s) in runs and (fraction, baseline, s) in runs
         ]
-        return " / ".join(f"{d:+.3f}" for d in pairs) if pairs else "-"
+        return " / ".join(f"{d:+z.3f}" for d in pairs) if pairs else "-"
 
     for fraction, method in sorted({(f, m) for f, m, _ in runs}, key=lambda k: (k[0], order.index(k[1]))):
         values = [runs.get((fraction, method, s)) for s in seeds]

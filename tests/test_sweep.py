@@ -111,6 +111,7 @@ def test_per_seed_table_pairs_each_method_with_the_baselines_on_the_same_seed():
         run("mean_teacher", 0, 0.6, 0.2),  # 0.4
         run("uncol", 0, 0.9, 0.3),  # 0.6
         run("uncol", 1, 0.8, 0.4),  # 0.6
+        run("uncol_generalized", 0, 0.8, 0.1998),  # 0.4999: behind supervised by less than 0.0005
     ]
     lines = sweep.per_seed_table(runs).splitlines()
     assert lines[0].startswith("| labelled | method | seed 0 | seed 1 | mean ± std |")
@@ -119,6 +120,8 @@ def test_per_seed_table_pairs_each_method_with_the_baselines_on_the_same_seed():
     assert "| 0.600 | 0.600 | 0.600 ± 0.000 | +0.100 / -0.100 | +0.200 |" in uncol
     mean_teacher = next(line for line in lines if "| Mean Teacher |" in line)
     assert "| 0.400 | - | 0.400 | -0.100 | - |" in mean_teacher  # one seed: no spread
+    generalized = next(line for line in lines if "| UnCoL, generalized teacher only |" in line)
+    assert "| +0.000 | +0.100 |" in generalized  # a difference that rounds to zero is not printed "-0.000"
 
 
 def test_committed_short_2d_table_is_rebuilt_from_its_run_jsons(tmp_path):
