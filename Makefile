@@ -60,7 +60,7 @@ bundle: install
 # pytest-xdist workers (tests/conftest.py gives each one torch thread): the reference machine's 2 cores
 TEST_WORKERS ?= 2
 test: install label-install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20 tests research/tests
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

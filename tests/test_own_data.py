@@ -18,7 +18,8 @@ import torch
 from conftest import CONFIGS, TINY_NET
 from monai.bundle import run
 
-from bench.own_data import LABELS, write_dataset
+from custom.data.phantoms import OWN_DATA_LABELS as LABELS
+from custom.data.phantoms import write_own_data_example as write_dataset
 
 #: 4 labelled, 2 unlabelled (one of each 2D size: LiteMedSAM encodes each 32x32 tile of them before
 #: stage 2's first step, about 1.5 s a tile on one core), 2 validation and 2 test cases

@@ -253,6 +253,55 @@ def ensure_dataset(out_dir: str | Path, **params) -> Path:
     return generate_dataset(out_dir, cfg)
 
 
+#: a dataset shaped like a user's rather than like the embedded phantoms (non-square or non-cubic
+#: images of mixed sizes, 4 classes, relative paths): the own-data tests and examples train on it
+OWN_DATA_LABELS = {"0": "background", "1": "gm", "2": "wm_a", "3": "wm_b"}
+OWN_DATA_COUNTS = {"training": 6, "unlabeled": 24, "validation": 4, "test": 8}
+
+
+def make_own_data_case(shape: tuple[int, ...], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """An image with three structures (classes 1-3, largest to smallest) at random places, as
+    overlapping intensity levels under a smooth bias field and Gaussian noise."""
+    label = np.zeros(shape, np.uint8)
+    grid = np.indices(shape).astype(np.float32)
+    for value, radius in ((1, 0.32), (2, 0.2), (3, 0.12)):
+        centre = [rng.uniform(0.3, 0.7) * s for s in shape]
+        dist = np.sqrt(sum(((g - c) / s) ** 2 for g, c, s in zip(grid, centre, shape, strict=True)))
+        label[dist < radius * rng.uniform(0.8, 1.2)] = value
+    bias = 1.0 + 0.2 * np.sin(grid[0] / shape[0] * np.pi * rng.uniform(0.5, 1.5))
+    image = label.astype(np.float32) * 0.3 * bias + rng.normal(0, 0.08, shape).astype(np.float32)
+    return image, label
+
+
+def write_own_data_example(
+    root: Path,
+    shapes: list[tuple[int, ...]],
+    spacing: tuple[float, ...],
+    counts: dict[str, int] | None = None,
+    seed: int = 7,
+) -> Path:
+    """A Decathlon-style dataset under ``root`` (``counts`` cases per split, sizes cycling through
+    ``shapes``) with a datalist of relative paths and 4 ``labels``; returns the datalist path."""
+    rng = np.random.default_rng(seed)
+    affine = np.diag([*spacing, *([1.0] * (4 - len(spacing)))])
+    splits: dict[str, list] = {key: [] for key in OWN_DATA_COUNTS}
+    for folder in ("images", "labels"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    index = 0
+    for split, count in (counts or OWN_DATA_COUNTS).items():
+        for _ in range(count):
+            image, label = make_own_data_case(shapes[index % len(shapes)], rng)
+            name = f"case_{index:03d}.nii.gz"
+            nib.save(nib.Nifti1Image(image, affine), root / "images" / name)
+            nib.save(nib.Nifti1Image(label, affine), root / "labels" / name)
+            entry = {"image": f"images/{name}", "label": f"labels/{name}"}
+            splits[split].append({"image": entry["image"]} if split == "unlabeled" else entry)
+            index += 1
+    path = root / "datalist.json"
+    path.write_text(json.dumps({"name": "own data example", "labels": OWN_DATA_LABELS, **splits}, indent=2))
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="folder to write images, labels and datalist.json into")
