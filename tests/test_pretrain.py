@@ -90,7 +90,7 @@ def test_each_loss_term_is_reported_in_the_engine_output(pretrained):
 def test_per_view_targets_are_the_teachers_on_the_augmented_image(tmp_path):
     """``distillation_targets=per_view``: no cached targets; the iteration asks the teacher on the very
     (flipped) batch the student sees. Cached targets are flipped with the image instead, which is exact
-    only for a flip-equivariant teacher (LiteMedSAM is not: bench/target_equivariance.py)."""
+    only for a flip-equivariant teacher (LiteMedSAM is not: research/bench/target_equivariance.py)."""
     from custom.teachers.targets import distillation_targets
 
     cached = _parser(tmp_path, distillation="both")
