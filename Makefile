@@ -33,7 +33,9 @@ label-install: $(LABEL_STAMP)
 # Serve dist/uncol_monai (make bundle) in MONAI Label's stock monaibundle app on 127.0.0.1:8000,
 # labelling the images in STUDIES (default: the embedded test split).
 STUDIES ?= bundle/data/phantom2d/imagesTs
-label-serve: bundle label-install
+# The bundle ships the trained student when there is one (make demo); without it the server starts untrained.
+label-serve: install label-install
+	$(PY) scripts/make_bundle.py --out dist $$(test -f bundle/models/model.pt || echo --no-weights)
 	$(LABEL_VENV)/bin/python scripts/monailabel_server.py --bundle dist/uncol_monai --studies $(STUDIES)
 
 EVALUATE := $(BUNDLE_RUN) evaluate --config_file "['$(TRAIN)','bundle/configs/evaluate.json']"
@@ -52,7 +54,7 @@ demo: install
 		"UnCoL (stage 2)=bundle/eval/report/report.json" && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s; segmentations in bundle/eval/segmentations, reports in bundle/eval/"
 
-# Self-contained model-zoo style bundle (configs, docs, custom/ code, trained weights + TorchScript):
+# Self-contained model-zoo style bundle (configs, user docs, custom/ code, model.pt + its TorchScript model.ts):
 # dist/uncol_monai/ and dist/uncol_monai.zip. Run `make demo` (or your own training) first for weights.
 bundle: install
 	$(PY) scripts/make_bundle.py --out dist
