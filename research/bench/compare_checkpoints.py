@@ -12,8 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
+from custom.handlers.checkpoints import student_state
 from research.bench.gate_audit import stage1_provenance
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     args_.add_argument("b")
     args_.add_argument("--out", default=None)
     args = args_.parse_args(argv)
-    a, b = (torch.load(p, map_location="cpu", weights_only=False)["model"] for p in (args.a, args.b))
+    a, b = (student_state(p) for p in (args.a, args.b))  # tensors only: weights_only=True
     if set(a) != set(b):
         raise SystemExit(f"error: {args.b}: other parameter names than {args.a}")
     diffs = {k: float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a}

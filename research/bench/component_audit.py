@@ -1,7 +1,7 @@
 """Connected components of a trained student's test predictions: where its false positives are.
 
     python -m research.bench.component_audit --setting 3d_patch --fraction 1.0 --seed 0 --method supervised \
-        --out research/results/component_audit_3d_patch.json
+        --out research/results/component_audit/3d_patch_1.0_supervised_seed0.json
 
 Runs the bundle's evaluation (``evaluate.json``: sliding-window inference, softmax, inversion to the
 image's grid, argmax) of one sweep run on its validation and test splits and, per class and case,
@@ -35,7 +35,7 @@ from scipy import ndimage
 
 from custom.data.postprocess import KeepLargestComponentd, largest_component
 from custom.metrics import PhysicalHausdorffDistanceMetric
-from research.bench.sweep import CONFIGS, EVALUATE, setting_overrides, train_configs
+from research.bench.sweep import CONFIGS, EVALUATE, commit, setting_overrides, train_configs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,6 +113,9 @@ def summary(cases: list[dict], classes: list[str]) -> dict:
 def report_table(results: list[dict]) -> str:
     """One row per (run, split, class): components, stray share, and Dice / HD95 before and after."""
     rows = [
+        "Every figure is the mean over the split's cases where it is defined (no spread is shown); Dice and "
+        "HD95 as predicted and with only each class's largest connected component kept.",
+        "",
         "| labelled | method | split | class | components | stray voxels | stray off the truth "
         "| Dice | Dice, largest kept | HD95 (mm) | HD95, largest kept |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -134,7 +137,9 @@ def report_table(results: list[dict]) -> str:
                 ]
                 rows.append("| " + " | ".join(cells) + " |")
     minutes = sum(r["seconds"] for r in results) / 60
-    rows.append(f"\nProduced by these commands ({minutes:.0f} min in all, 2 CPU cores), after the sweep's runs:\n")
+    commits = sorted({r["commit"] for r in results if r.get("commit")})
+    at = f"at commit(s) {', '.join(commits)}" if commits else "the JSONs record no commit"
+    rows.append(f"\nProduced by these commands after the sweep's runs ({minutes:.0f} min in all; {at}):\n")
     for r in results:
         name = f"{r['setting']}_{r['fraction']}_{r['method']}_seed{r['seed']}.json"
         rows.append(
@@ -144,11 +149,15 @@ def report_table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def report() -> None:
+def section_text(results_dir: Path = RESULTS) -> str:
+    """The ``component-audit`` section from the committed JSONs (nothing is written)."""
+    return report_table([json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))])
+
+
+def report(page: Path = PAGE) -> None:
     from research.bench.report import replace_section
 
-    results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
-    replace_section(PAGE, "component-audit", report_table(results))
+    replace_section(page, "component-audit", section_text())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -160,9 +169,10 @@ def main(argv: list[str] | None = None) -> dict:
     args.add_argument("--work", type=Path, default=ROOT / "research" / "work" / "sweep")
     args.add_argument("--out", type=Path, help="the audit's JSON (required unless --report-only)")
     args.add_argument("--report-only", action="store_true", help="rebuild results.md's table from the JSONs")
+    args.add_argument("--results-md", type=Path, default=PAGE, help="the page --report-only writes")
     opts = args.parse_args(argv)
     if opts.report_only:
-        report()
+        report(opts.results_md)
         return {}
     if opts.out is None:
         args.error("--out is required")
@@ -172,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = setting_overrides(opts.setting, opts.fraction, opts.seed, dataset, work / "teacher_cache")
     start = time.perf_counter()
     result: dict = {"setting": opts.setting, "fraction": opts.fraction, "seed": opts.seed, "method": opts.method}
+    result["commit"] = commit()
     result["splits"] = {}
     for split in SPLITS:
         parser = ConfigParser()

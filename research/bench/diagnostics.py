@@ -9,7 +9,7 @@
     python -m research.bench.diagnostics [--fraction 0.1] [--seed 0] [--stage1 <folder with models/pretrain.pt>]
 
 Stage 1 (both distillation paths) and stage 2 (both teachers) run through the bundle's own configs
-at the sweep's budget. Writes ``diagnostics.json`` and two PNGs into ``research/results/`` and the
+at the sweep's budget. Writes ``diagnostics_2d.json`` and two PNGs into ``research/results/`` and the
 "diagnostics" section of ``research/results.md``.
 """
 

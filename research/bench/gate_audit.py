@@ -263,6 +263,14 @@ def table(payload: dict) -> str:
             f"LiteMedSAM mask T per class = {shown(gen['temperature'])} "
             f"(ECE {gen['ece'][0]:.3f} -> {gen['ece'][1]:.3f}).",
         ]
+    patches = f" ({payload['patches']} patches)" if payload.get("patches") else ""
+    rows += [
+        "",
+        f"One audit of one stage 1 checkpoint, so no spread: {payload.get('images', 'n/a')} unlabelled images"
+        f"{patches}, `{payload.get('command', 'n/a')}` at commit {payload.get('commit', 'n/a')}. Percentages are "
+        "of the audited foreground voxels (the truth's or the pseudo-label's), at the threshold schedule's start "
+        "and end.",
+    ]
     return "\n".join(rows)
 
 

@@ -2,9 +2,10 @@
 
     python -m research.bench.patch_memory [--sizes 96x96x96 256x256x128] [--roi 96 96 64] [--teachers specialized]
                                  [--steps 3] [--huge-pages on|off] [--out research/results/patch_memory.json]
+    python -m research.bench.patch_memory --report-only   # results.md's patch-memory section from the JSONs
 
 Each size runs in a fresh process: the bundle's train.json + train_3d.json on a dataset of that volume
-size (bench/own_data.py's generator, 4 classes, at train_3d's spacing so no resampling changes it),
+size (custom/data/phantoms.py's own-data generator, 4 classes, at train_3d's spacing so no resampling changes it),
 stage 2 built by the bundle's own parser. Memory is the process's resident set (``VmRSS``, sampled
 every 5 ms): ``dataset_mb`` once the cached datasets hold their volumes, ``step_peak_mb`` the peak
 during the training steps above that. Training memory should follow ``roi_size``, not the volume; the
@@ -30,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 CONFIGS = ROOT / "bundle" / "configs"
+RESULTS = ROOT / "research" / "results"
+PAGE = ROOT / "research" / "results.md"
 SPACING = (1.25, 1.25, 2.0)  # train_3d.json's pixdim
 COUNTS = {"training": 2, "unlabeled": 2, "validation": 1}
 
@@ -133,6 +136,34 @@ def one_size(shape: tuple[int, ...], roi: list[int], teachers: str, steps: int) 
     }
 
 
+def section_text(results: Path = RESULTS) -> str:
+    """results.md's ``patch-memory`` section from every committed ``patch_memory*.json`` (nothing written)."""
+    rows = [
+        "One process per volume size, each timing its own few steps (every step listed; no spread is "
+        "shown). Memory is the process's resident set: once the cached datasets hold their volumes, and the "
+        "peak during the steps above that.",
+        "",
+        "| JSON | volume | roi_size | stage 2 teachers | huge pages (`THP_MEM_ALLOC_ENABLE`) / kernel THP | "
+        "resident with the datasets (MB) | step peak above that (MB) | seconds per step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    payloads = [(path, json.loads(path.read_text())) for path in sorted(results.glob("patch_memory*.json"))]
+    for path, payload in payloads:
+        for r in payload["runs"]:
+            rows.append(
+                f"| `{path.name}` | {' × '.join(map(str, r['volume']))} | {' × '.join(map(str, r['roi_size']))} | "
+                f"{r['teachers']} | {r['huge_pages']} / {r['kernel_thp']} | {r['dataset_mb']} | "
+                f"{r['step_peak_above_dataset_mb']} | {', '.join(f'{x:g}' for x in r['seconds_per_step'])} |"
+            )
+    rows.append("")
+    rows += [
+        f"- `{path.name}`: `{payload['command'].strip()}` at commit {payload['commit'][:7]}, {payload['machine']}, "
+        f"{payload['runs'][0].get('threads', 'n/a')} threads."
+        for path, payload in payloads
+    ]
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["96x96x96", "256x256x128"])
@@ -142,7 +173,15 @@ def main() -> None:
     parser.add_argument("--huge-pages", default="on", choices=("on", "off"))
     parser.add_argument("--out", default=str(ROOT / "research" / "results" / "patch_memory.json"))
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one size, JSON to stdout
+    parser.add_argument("--report-only", action="store_true", help="write results.md's section from the JSONs")
+    parser.add_argument("--results-md", default=str(PAGE))
     args = parser.parse_args()
+    if args.report_only:
+        from research.bench.report import replace_section
+
+        replace_section(Path(args.results_md), "patch-memory", section_text())
+        print(section_text())
+        return
     if args.one:
         shape = tuple(int(v) for v in args.one.split("x"))
         print("RESULT " + json.dumps(one_size(shape, args.roi, args.teachers, args.steps)))
@@ -154,7 +193,9 @@ def main() -> None:
         cmd += ["--steps", str(args.steps)]
         runs.append(fresh_process(cmd, f"size {size}", env))
         print(json.dumps(runs[-1]))
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    from research.bench.sweep import commit as code_commit
+
+    commit = code_commit()  # "-dirty" when the code differs from it: such a result is not committed
     result = {
         "command": "python -m research.bench.patch_memory " + " ".join(sys.argv[1:]),
         "commit": commit,

@@ -2,7 +2,7 @@
 
     python -m research.bench.real_figure --task colin27 [--seed 0] [--methods supervised uncol]
 
-Reads the students the sweep trained (``bench/sweep.py --task <task>``: its work folder,
+Reads the students the sweep trained (``python -m research.bench.sweep --task <task>``: its work folder,
 ``<work>/fraction_<f>/seed<k>/<method>/models/model.pt``), segments the test slice with the most
 foreground through the bundle's own validation preprocessing and sliding-window inferer, and writes
 ``research/results/real/test_slice_<task>.png`` with a JSON beside it (the slice, each method's
@@ -55,6 +55,7 @@ def dice_per_class(pred: torch.Tensor, truth: torch.Tensor, num_classes: int) ->
 def main(argv: list[str] | None = None) -> None:
     from monai.bundle import ConfigParser
 
+    from custom.handlers.checkpoints import student_state
     from custom.handlers.previews import class_colours
 
     args_ = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -84,8 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     for method in args.methods:
         ckpt = work / f"fraction_{args.fraction:g}" / f"seed{args.seed}" / method / "models" / "model.pt"
         if not ckpt.is_file():
-            raise SystemExit(f"error: {ckpt}: no trained student (run bench/sweep.py --task {args.task} first)")
-        network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["model"])
+            sweep = f"python -m research.bench.sweep --task {args.task}"
+            raise SystemExit(f"error: {ckpt}: no trained student (run {sweep} first)")
+        network.load_state_dict(student_state(ckpt))  # tensors only: weights_only=True
         with torch.no_grad():
             predictions[method] = inferer(image, network).argmax(1)[0]
         scores[method] = dict(zip(names, dice_per_class(predictions[method], truth, num_classes), strict=True))

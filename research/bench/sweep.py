@@ -51,7 +51,7 @@ METHODS = {
     "distilled_supervised": {"stage1": "both", "stage2": {"teachers": "specialized", "max_unsup_weight": 0.0}},
     "uncol_generalized": {"stage1": "both", "stage2": {"teachers": "generalized"}},
     "uncol": {"stage1": "both", "stage2": {"teachers": "both"}},
-    # the gate's improvements (issue 15) on top of UnCoL, chosen by bench/gate_audit.py (results.md): the
+    # the gate's improvements (issue 15) on top of UnCoL, chosen by research/bench/gate_audit.py (results.md): the
     # class-wise quantile gate, and with it voxels where the teachers disagree left out; calibration
     # alone, which the audit found harmful, for the record
     "uncol_quantile": {"stage1": "both", "stage2": {"teachers": "both", "gate": "quantile"}},
@@ -98,7 +98,7 @@ LABELS = {
 #: overrides, epochs per stage
 SETTINGS = {
     # 32 + 32 epochs of 25 iterations: past the plateau of full supervision's learning curve on every
-    # class (bench/learning_curve.py --task embedded2d: lesion flat from about 825 iterations)
+    # class (research/bench/learning_curve.py --task embedded2d: lesion flat from about 825 iterations)
     "2d": {
         "data": {},
         "bundle": {"spatial_dims": 2},
@@ -138,7 +138,7 @@ SETTINGS["macaque"] = {
 #: 3D with patches (issue 17): the default 160x160x96 phantoms (1.25x1.25x2 mm) cut into 64x64x32
 #: class-balanced patches, batch 2 in both stages: the clinical-size path, sized for 2 CPU cores;
 #: 20 + 20 epochs (2000 labelled patches) are past the plateau of full supervision's learning curve
-#: (bench/learning_curve.py --task embedded3d: flat on organ and lesion from 750 iterations of 2)
+#: (research/bench/learning_curve.py --task embedded3d: flat on organ and lesion from 750 iterations of 2)
 SETTINGS["3d_patch"] = {
     "configs": ["train_3d.json"],
     "data": {"num_train": 20, "num_validation": 4, "num_test": 8},
@@ -155,8 +155,9 @@ SETTINGS["quick3d"] = {
 
 
 #: what a result depends on: "-dirty" after the commit means one of these differed from it (result
-#: files and prose written meanwhile do not count)
-CODE_PATHS = ("custom", "bench", "bundle/configs", "scripts")
+#: files and prose written meanwhile do not count). A result stamped "-dirty" cannot be traced to code,
+#: so it is never committed to research/results (research/tests/test_generated.py checks it).
+CODE_PATHS = ("custom", "research/bench", "research/data", "bundle/configs", "scripts")
 
 
 def commit() -> str:
@@ -305,13 +306,20 @@ def reusable_stage1(root: Path, settings: dict) -> bool:
     return diff.returncode == 0
 
 
+#: what stands for the folders above a path outside the checkout in a committed JSON
+OUTSIDE = "<outside the checkout>"
+
+
 def portable(overrides: dict) -> dict:
-    """``overrides`` with paths inside the repository made relative to it (JSON kept in the repository
-    names no machine's folders)."""
+    """``overrides`` with paths inside the repository made relative to it, and absolute paths outside
+    it cut to their last two parts under ``OUTSIDE`` (JSON kept in the repository names no machine's
+    folders)."""
 
     def relative(value: object) -> object:
         if isinstance(value, str) and value.startswith(str(ROOT) + os.sep):
             return os.path.relpath(value, ROOT)
+        if isinstance(value, str) and os.path.isabs(value) and len(value) > 1:
+            return "/".join([OUTSIDE, *Path(value).parts[-2:]])
         return value
 
     return {k: relative(v) for k, v in overrides.items()}
@@ -380,7 +388,7 @@ def per_seed_table(results: list[dict]) -> str:
     runs = {(r["fraction"], r["method"], r["seed"]): mean_foreground_dice(r) for r in results}
     seeds = sorted({seed for _, _, seed in runs})
     lines = [
-        "| labelled | method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | "
+        "| labelled | method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sample std | "
         "− supervised, per seed | − Mean Teacher, per seed |",
         "|---|---|" + "---|" * len(seeds) + "---|---|---|",
     ]
@@ -445,36 +453,56 @@ def plot(summary: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def report(setting: str, results_dir: Path, results_md: Path, seeds: list[int]) -> str:
+#: what ± means in the sweep's tables (printed with them)
+SPREAD = (
+    "Per class: mean over seeds of each run's test mean ± sample std over seeds (n − 1 in the denominator; "
+    "none with one seed); HD95 over the runs that predict the class."
+)
+
+
+def section_text(setting: str, results_dir: Path) -> str:
+    """The ``sweep-<setting>`` section of results.md from the run JSONs in ``results_dir/runs/<setting>``
+    (nothing is written: the test of the committed page rebuilds it from here)."""
     runs = load_runs(results_dir / "runs" / setting)
     if not runs:
         raise SystemExit(f"error: {results_dir / 'runs' / setting}: no run results to report")
     summary = summarise(runs)
-    png = results_dir / f"dice_vs_fraction_{setting}.png"
-    plot(summary, png, f"Test Dice vs labelled fraction ({setting}, mean ± std over seeds)")
-    first = runs[0]
-    budget = first["stage2_overrides"]
+    budget = runs[0]["stage2_overrides"]
     commits = sorted({r["commit"] for r in runs})
-    run_dir = results_dir / "runs" / setting
-    where = run_dir.relative_to(ROOT).as_posix() if run_dir.is_relative_to(ROOT) else str(run_dir)
     seconds = statistics.fmean(r["seconds"]["stage1"] + r["seconds"]["stage2"] for r in runs)
-    text = "\n".join(
+    folder = results_dir.name  # the page sits beside the results folder: its paths are relative to it
+    return "\n".join(
         [
+            SPREAD,
+            "",
             table(summary),
             "",
-            "Mean foreground Dice per run (the classes' test Dice averaged), seed by seed:",
+            "Each run's mean foreground Dice (its classes' test Dice averaged), its mean ± sample std over seeds, "
+            "and its difference to supervised-only and to Mean Teacher on the same seed:",
             "",
             per_seed_table(runs),
             "",
-            f"![Dice vs labelled fraction]({Path(os.path.relpath(png, results_md.parent)).as_posix()})",
+            f"![Dice vs labelled fraction]({folder}/{plot_path(results_dir, setting).name})",
             "",
-            f"Produced by `python -m research.bench.sweep{SETTING_FLAGS.get(setting, '')}` at commit(s) "
-            f"{', '.join(commits)}; seeds {sorted({r['seed'] for r in runs})}; stage 1 "
+            f"{len(runs)} runs of the sweep (today `python -m research.bench.sweep{SETTING_FLAGS.get(setting, '')}`) "
+            f"at commit(s) {', '.join(commits)}; seeds {sorted({r['seed'] for r in runs})}; stage 1 "
             f"{budget['pretrain_epochs']} and stage 2 {budget['max_epochs']} epochs of "
-            f"{budget.get('iterations_per_epoch', 25)} iterations; overrides per run in `{where}/`. "
-            f"Seconds per run (stage 1 + stage 2): {seconds:.0f} on average.",
+            f"{budget.get('iterations_per_epoch', 25)} iterations; overrides per run in `{folder}/runs/{setting}/`. "
+            f"Seconds per run (stage 1 + stage 2, as the run JSONs record them): {seconds:.0f} on average.",
         ]
     )
+
+
+def plot_path(results_dir: Path, setting: str) -> Path:
+    return results_dir / f"dice_vs_fraction_{setting}.png"
+
+
+def report(setting: str, results_dir: Path, results_md: Path) -> str:
+    """Plot the setting's runs and write its section into ``results_md``."""
+    text = section_text(setting, results_dir)
+    runs = load_runs(results_dir / "runs" / setting)
+    title = f"Test Dice vs labelled fraction ({setting}; mean ± sample std over seeds)"
+    plot(summarise(runs), plot_path(results_dir, setting), title)
     replace_section(results_md, f"sweep-{setting}", text)
     return text
 
@@ -519,7 +547,7 @@ def main(argv: list[str] | None = None) -> None:
                         continue
                     run_one(setting, fraction, method, seed, out, results_dir / "runs" / setting)
         print(f"sweep ({setting}) finished in {(time.perf_counter() - start) / 60:.1f} min")
-    print(report(setting, results_dir, results_md, seeds))
+    print(report(setting, results_dir, results_md))
 
 
 if __name__ == "__main__":

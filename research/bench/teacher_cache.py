@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from custom.teachers.cache import EncoderCache
 from custom.teachers.generalized import GeneralizedTeacher
 from custom.teachers.targets import TeacherTargetsd
+from research.bench.sweep import commit
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,7 +94,7 @@ def main() -> None:
     channels = teacher.feature_channels
     result = {
         "command": "python -m research.bench.teacher_cache",
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+        "commit": commit(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, no GPU",
         "teacher": "litemedsam",
         "num_classes": args.num_classes,

@@ -12,7 +12,6 @@ import argparse
 import builtins
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,7 +49,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    from research.bench.sweep import commit as code_commit
+
+    commit = code_commit()
     print("python -m research.bench.teacher_speed " + " ".join(sys.argv[1:]))
     print(f"commit {commit}, {platform.machine()}")
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -855,6 +855,27 @@ def _write(out: Path, spec: Task, src: Path, names: dict[int, str], names_from: 
     return write_datalist(out, datalist, DATALIST_NAME)
 
 
+#: what a split record keeps of the datalist's ``source`` (no machine paths, no per-file lists)
+RECORD_SOURCE = ("package", "image", "labels", "names", "anatomy", "spacing_mm", "shape")
+
+
+def split_record(datalist: dict) -> dict:
+    """The part of a prepared datalist that describes the split, as ``research/results/real/split_<task>.json``
+    keeps it: the parameters and the source files' SHA-256 (``generator``), the source's anatomy, the
+    slabs, each split's slice indices and ``split_stats``. research/real_data.md's tables are generated
+    from it, and the tests check that a fresh preparation gives it again."""
+    task = datalist["generator"]["task"]
+    return {
+        "command": f"python -m research.data.real_brain <out_dir> --task {task} "
+        f"--record research/results/real/split_{task}.json",
+        "generator": datalist["generator"],
+        "source": {k: datalist["source"][k] for k in RECORD_SOURCE},
+        "slabs": datalist["slabs"],
+        "slices": datalist["slices"],
+        "split_stats": datalist["split_stats"],
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="folder to write images, labels and datalist.json into")
@@ -866,9 +887,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--labelled-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--record", default=None, help="also write the split's record (split_record) here")
     args = parser.parse_args(argv)
     path = prepare(args.out_dir, args.task, args.source, args.labelled_fraction, args.seed)
     d = json.loads(path.read_text())
+    if args.record:
+        Path(args.record).write_text(json.dumps(split_record(d), indent=2) + "\n")
     counts = ", ".join(f"{k} {len(d[k])}" for k in ("training", "unlabeled", "validation", "test"))
     print(f"wrote {path} ({counts})")
     slabs = d["slabs"]

