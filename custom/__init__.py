@@ -5,7 +5,7 @@ import os
 # Large CPU tensors on transparent huge pages (PyTorch's own switch, read at its first large
 # allocation, so it must be set before training starts; a value the user set wins). Tensors above
 # glibc's 32 MB mmap limit are mapped and unmapped on every allocation, and each 4 KB page faults
-# in again: on a 2-core machine a 3D stage-2 step spent a third of its time in the kernel (30 s a
-# step vs 17 s with huge pages, bench/patch_memory.py at 96^3). No effect on results; none where
-# the kernel has huge pages off.
+# in again: on a small CPU machine a 3D stage-2 step spent a large share of its time in the kernel
+# (measured in the project's research record, research/results.md). No effect on results; none
+# where the kernel has huge pages off.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")

@@ -20,6 +20,7 @@ from custom.handlers.checkpoints import student_state
 TRAIN = str(CONFIGS / "train.json")
 INFER = str(CONFIGS / "inference.json")
 EVALUATE = str(CONFIGS / "evaluate.json")
+DIAGNOSTICS = str(CONFIGS / "diagnostics.json")
 
 
 def _cli_value(v):
@@ -61,7 +62,7 @@ def test_training_runs_stage1_first_then_stage2_and_logs_the_gate(trained):
         "gate_kept",
         "gate_from_generalized",
         "gate_from_specialized",
-        "gate_threshold",
+        "gate_entropy_threshold",
         "loss_pseudo",
         "loss_sup",
         "val_mean_dice",
@@ -103,6 +104,35 @@ def test_each_teachers_setting_runs(trained, tmp_path, teachers):
     assert out["gate_kept"] > 0, "the gate kept no voxel: the pseudo-label term trained nothing"
     assert out["gate_from_generalized"] == expected
     assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def _stage2(configs: list[str], root, **overrides) -> tuple[dict, dict]:
+    """One stage 2 run in process: its last output and its final student weights."""
+    workflow = ConfigWorkflow(config_file=configs, run_id="training", **{**tiny_train_overrides(root), **overrides})
+    workflow.initialize()
+    workflow.run()
+    out = workflow.parser.get_parsed_content("train#trainer").state.output[0]
+    workflow.finalize()
+    return out, student_state(root / "models" / "stage2_last.pt")
+
+
+def test_the_diagnostics_overlay_audits_and_records_without_changing_the_training(trained, tmp_path):
+    settings = {"max_epochs": 1, "gate": "quantile", "calibration": "temperature"}
+    plain, with_diagnostics = tmp_path / "plain", tmp_path / "diagnostics"
+    for root in (plain, with_diagnostics):
+        root.mkdir()
+        _start_from_stage1(trained, root)
+    out, weights = _stage2([TRAIN], plain, **settings)
+    assert out["gate_keep_fraction"] > 0 and "gate_entropy_threshold" not in out  # the quantile gate's own cut
+    assert not (plain / "eval" / "calibration.jsonl").exists()
+    _, audited = _stage2([TRAIN, DIAGNOSTICS], with_diagnostics, **settings, audit_cases=2, audit_every=1)
+    for name, value in weights.items():
+        assert torch.equal(audited[name], value), name
+    records = [json.loads(r) for r in (with_diagnostics / "eval" / "pseudo_label_audit.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2] and all(r["keep_fraction"] > 0 for r in records)
+    assert 0.0 <= records[-1]["kept_accuracy_fg"] <= 1.0  # scored against the hidden labels
+    calibration = (with_diagnostics / "eval" / "calibration.jsonl").read_text().splitlines()
+    assert len(calibration) == 2 and "temperature" in json.loads(calibration[0])["specialized"]
 
 
 def test_stage2_can_continue_the_distillation(trained, tmp_path):
@@ -217,6 +247,13 @@ def test_bad_label_stops_training_before_it_starts(tiny_dataset, tmp_path):
             datalist=str(data / "datalist.json"),
             **TINY_NET,
         )
+
+
+def test_train_config_reads_as_a_zoo_config():
+    lines = (CONFIGS / "train.json").read_text().splitlines()
+    assert len(lines) <= 400 and max(map(len, lines)) <= 200
+    for name in ("train.json", "pretrain.json", "evaluate.json", "multi_gpu_train.json", "diagnostics.json"):
+        assert "tracking_params" not in ConfigParser.load_config_file(str(CONFIGS / name)), name  # derived, not listed
 
 
 def test_inference_and_training_build_the_same_network():

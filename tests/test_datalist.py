@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from custom.data.datalist import DatalistError, bundle_datalist, find_images, load_datalist, load_unlabelled
+from custom.data.datalist import (
+    DatalistError,
+    bundle_datalist,
+    find_images,
+    load_classes,
+    load_datalist,
+    load_unlabelled,
+)
 
 
 @pytest.fixture
@@ -219,3 +226,13 @@ def test_labelled_pairs_from_elsewhere_bring_only_their_own_images(dataset, tmp_
     assert load_unlabelled(None, "unlabeled", labelled, fallback_datalist=tmp_path / "absent.json") == unlabelled
     with pytest.raises(DatalistError, match="datalist file does not exist"):  # given explicitly: strict
         load_unlabelled(tmp_path / "absent.json", "unlabeled", labelled)
+
+
+def test_classes_come_from_the_labels_and_a_default_stands_in_until_the_datalist_exists(tmp_path, tiny_dataset):
+    missing = tmp_path / "not_generated_yet" / "datalist.json"
+    assert load_classes(missing, default=["background", "a", "b"]) == ["background", "a", "b"]
+    assert load_classes(missing, required=False) is None
+    with pytest.raises(DatalistError, match="datalist file does not exist"):
+        load_classes(missing)
+    # once the datalist exists, its labels decide, whatever the default says
+    assert load_classes(tiny_dataset, default=["background", "x"]) == ["background", "organ", "lesion"]

@@ -39,6 +39,15 @@ def test_metadata_is_valid_and_complete():
     assert out.returncode == 0 and "metadata is verified with no error" in out.stdout + out.stderr, out.stderr
 
 
+def test_the_package_and_the_bundle_have_one_version():
+    import tomllib
+
+    package = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert package == meta["version"], "pyproject.toml and bundle/configs/metadata.json give different versions"
+    assert meta["version"] == max(meta["changelog"], key=lambda v: tuple(map(int, v.split("."))))
+
+
 SHAPE_3D = '["16*n", "16*n", "16*n"]'
 #: metadata.json describes the 2D default; the 3D variant overrides the declared shapes
 META_3D = [f"--_meta_#network_data_format#{k}#spatial_shape" for k in ("inputs#image", "outputs#pred")]

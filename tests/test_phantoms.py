@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given, settings
 from scipy import ndimage
 
-from custom.data.phantoms import PhantomConfig, ensure_dataset, generate_dataset, make_case
+from custom.data.phantoms import (
+    PhantomConfig,
+    embedded_classes,
+    ensure_dataset,
+    generate_dataset,
+    hidden_label_items,
+    make_case,
+)
 
 
 def _digest(folder):
@@ -137,3 +144,15 @@ def test_fuzzed_generator_settings_resolve_or_fail_with_a_value_error(
     else:
         assert resolved.spatial_dims in (2, 3) and len(resolved.shape) == resolved.spatial_dims
         assert min(resolved.shape) >= 8 and 1 <= resolved.num_labelled <= resolved.num_train
+
+
+def test_embedded_classes_are_the_datalists_labels_and_unlabelled_images_keep_hidden_labels(tmp_path):
+    path = generate_dataset(tmp_path, spatial_dims=2, shape=(32, 32), num_train=4, labelled_fraction=0.5, seed=3)
+    datalist = json.loads(path.read_text())
+    assert embedded_classes() == [datalist["labels"][str(v)] for v in range(len(datalist["labels"]))]
+    items = hidden_label_items(path)
+    assert len(items) == len(datalist["unlabeled"]) == 2 and len(hidden_label_items(path, limit=1)) == 1
+    for item, entry in zip(items, datalist["unlabeled"], strict=True):
+        assert item["image"] == str((tmp_path / entry["image"]).resolve())
+        assert nib.load(item["label"]).shape == nib.load(item["image"]).shape  # the label training never sees
+        assert set(np.unique(np.asanyarray(nib.load(item["label"]).dataobj))) <= {0, 1, 2}

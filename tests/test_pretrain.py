@@ -41,6 +41,15 @@ def test_switches_remove_terms_and_their_parameters(tmp_path, mode, terms):
         assert not extra
 
 
+def test_an_unknown_distillation_setting_is_refused_not_read_as_none(lite_teacher):
+    from custom.engines.uncol import DistillationIteration
+
+    with pytest.raises(ValueError, match="distillation must be one of"):
+        DistillationIteration.build("vsiual", lite_teacher, 2, 48, 3)
+    with pytest.raises(ValueError, match="distillation_targets must be one of"):
+        DistillationIteration.build("both", lite_teacher, 2, 48, 3, targets="cache")
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A tiny stage 1 run through the workflow `monai.bundle run pretrain` builds; returns its bundle root."""

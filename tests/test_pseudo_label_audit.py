@@ -65,3 +65,29 @@ def test_audit_handler_records_without_touching_training_counters(tmp_path, lite
     gated = iteration.gate(spec, gen, 0.9)
     assert audit.records[-1]["kept"] == pytest.approx(float(gated.mask.mean()))
     assert 0.0 < audit.records[-1]["kept"] < 1.0 and "both_confidently_wrong" in audit.records[-1]
+
+
+def test_the_audit_of_hidden_labels_as_configs_build_it_records_the_quantile_gates_cut(tmp_path, tiny_dataset):
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+
+    from custom.data.phantoms import hidden_label_items
+    from custom.engines.uncol import SemiSupervisedIteration
+    from custom.losses.pseudo_label import PseudoLabelLoss
+
+    items = hidden_label_items(tiny_dataset, limit=2)
+    assert [i["label"].replace("labelsTr", "imagesTr") for i in items] == [i["image"] for i in items]
+    ema = torch.nn.Conv2d(1, 3, 1)
+    iteration = SemiSupervisedIteration(EntropyGate("specialized", "quantile"), PseudoLabelLoss(), ema)
+    transform = Compose([LoadImaged(["image", "label"]), EnsureChannelFirstd(["image", "label"])])
+    audit = PseudoLabelAudit.of_items(iteration, items, transform, interval=1)
+    assert audit.images.shape == (2, 1, 32, 32) and audit.labels.shape == (2, 32, 32)
+    iteration.set_schedule("keep_fraction", 0.5)
+    engine = Engine(lambda e, b: None)
+    engine.state.device = torch.device("cpu")
+    audit.attach(engine)
+    engine.run([0], max_epochs=1)
+    record = audit.records[-1]
+    spec, _, gated = iteration.pseudo_labels(audit.images)
+    assert record["keep_fraction"] == 0.5 and record["kept"] == pytest.approx(0.5, abs=0.02)
+    # a teacher counts as confident under the largest entropy the quantile gate kept, not under 0.5 nats
+    assert record["threshold"] == pytest.approx(float(gated.entropy[gated.mask.bool()].max()))

@@ -308,7 +308,7 @@ def test_pseudo_label_and_mask_stay_aligned_with_the_students_flipped_rotated_vi
     """The student sees the strong view after a random flip/rotation; the pseudo-label it is trained on
     is the EMA teacher's label of exactly the pixels it sees (recomputed on the transformed view)."""
     trainer, step, ema, batch, seen, inputs = _step_setup()
-    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: setattr(e.state, "gate_threshold", 0.9))
+    step.set_schedule("entropy_threshold", 0.9)
     trainer.run()
     student_view = inputs[0][2:]  # labelled images first, then the strong unlabelled view
     assert not torch.equal(student_view, batch["unlabelled"]["image"])  # the seed draws a real transform
@@ -324,8 +324,8 @@ def test_zero_unsupervised_weight_is_exactly_the_supervised_step():
     from monai.engines import SupervisedTrainer
 
     trainer, step, ema, batch, seen, inputs = _step_setup()
-    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: setattr(e.state, "gate_threshold", 0.9))
-    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: setattr(e.state, "unsup_weight", 0.0))
+    step.set_schedule("entropy_threshold", 0.9)
+    step.set_schedule("unsup_weight", 0.0)
     reference, *_ = _step_setup()
     plain = SupervisedTrainer(
         torch.device("cpu"), 1, [batch["labelled"]], reference.network, reference.optimizer, reference.loss_function
@@ -379,3 +379,62 @@ def test_nesting_reads_which_class_lies_inside_which_off_the_labelled_batch():
     step.pseudo_loss.nesting = "labelled"
     trainer.run()
     assert seen["parents"] == [None, None, 1] and step.parents == [None, None, 1]
+
+
+GATES = [("entropy", "entropy_threshold", 0.9), ("quantile", "keep_fraction", 0.5)]
+
+
+@pytest.mark.parametrize("gate, name, value", GATES)
+def test_each_gate_reads_its_own_schedule_and_logs_it_under_its_own_name(gate, name, value):
+    from custom.losses.pseudo_label import EntropyGate
+
+    other = "keep_fraction" if name == "entropy_threshold" else "entropy_threshold"
+    for given in ({other: 0.01}, {other: 0.01, name: value}):  # the other gate's value is never read
+        trainer, step, ema, batch, seen, inputs = _step_setup()
+        step.gate = EntropyGate("specialized", gate)
+        for key, v in given.items():
+            step.set_schedule(key, v)
+        if name not in given:
+            with pytest.raises(RuntimeError, match=f"no threshold: attach a ScheduleHandler with its '{name}'"):
+                trainer.run()
+    trainer.run()
+    out = trainer.state.output[0]
+    assert out[f"gate_{name}"] == value and f"gate_{other}" not in out and "gate_threshold" not in out
+    if gate == "quantile":  # half of each pseudo-class's pixels, however certain the teacher is
+        assert out["gate_kept"] == pytest.approx(0.5, abs=0.01)
+    assert step.scheduled(name) == value and step.gate_level() == value
+
+
+def test_a_value_in_the_engine_state_still_reaches_the_step_and_the_old_name_is_refused():
+    trainer, step, *_ = _step_setup()
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: setattr(e.state, "gate_threshold", 0.9))
+    trainer.run()  # how configurations before 0.8 handed the gate its threshold
+    assert trainer.state.output[0]["gate_entropy_threshold"] == 0.9 and step.gate_level(trainer) == 0.9
+    with pytest.raises(ValueError, match="'entropy_threshold' .*'keep_fraction'"):
+        step.set_schedule("gate_threshold", 0.9)
+
+
+def test_handlers_interface_teachers_temperatures_class_counts_and_audited_pseudo_labels(lite_teacher):
+    from custom.engines.uncol import SemiSupervisedIteration
+    from custom.losses.pseudo_label import EntropyGate, PseudoLabelLoss
+
+    ema = torch.nn.Conv2d(1, 3, 1)
+    with configured(lite_teacher, mask_temperature=1.0):
+        step = SemiSupervisedIteration(EntropyGate("both"), PseudoLabelLoss(), ema, lite_teacher)
+        assert step.teachers == (ema, lite_teacher) and step.teachers.generalized is lite_teacher
+        weak = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+        step.set_schedule("entropy_threshold", 0.9)
+        spec, gen, gated = step.pseudo_labels(weak)
+        assert step.generalized_calls == 0 and not step._generalized_memo  # nothing stored, nothing counted
+        assert torch.equal(gated.mask, EntropyGate("both")(spec, gen, 0.9).mask)
+        step.teacher_probs(weak)
+        assert step._generalized_memo
+        step.set_temperatures(2.0, torch.tensor([1.5, 3.0]))
+        assert step.specialized_temperature == 2.0 and lite_teacher.mask_temperature.tolist() == [1.5, 3.0]
+        assert not step._generalized_memo  # stale under the new temperature
+    specialized_only = SemiSupervisedIteration(EntropyGate("specialized"), PseudoLabelLoss(), ema, lite_teacher)
+    assert specialized_only.teachers.generalized is None  # given, but not used
+    assert specialized_only.class_voxels == (None, None)
+    specialized_only.kept_class_voxels = torch.tensor([1, 2, 0])
+    specialized_only.reset_class_voxels()
+    assert specialized_only.class_voxels == (None, None)

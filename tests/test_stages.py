@@ -8,7 +8,9 @@ from monai.bundle import ConfigParser
 
 from custom.engines.stages import calling_config, stage1_parser
 
-TRAIN, TRAIN_3D, PRETRAIN = (str(CONFIGS / n) for n in ("train.json", "train_3d.json", "pretrain.json"))
+TRAIN, TRAIN_3D, PRETRAIN, DIAGNOSTICS = (
+    str(CONFIGS / n) for n in ("train.json", "train_3d.json", "pretrain.json", "diagnostics.json")
+)
 
 
 def test_calling_config_is_the_raw_configuration_of_the_running_parser():
@@ -52,3 +54,11 @@ def test_stage1_gets_every_file_and_override_of_stage2_and_pretrain_on_top():
     assert stage1["run"] == [r.replace("#", "::") for r in pretrain["run"]]  # MONAI writes ids with "::"
     assert stage1.get_parsed_content("ckpt_name") == "pretrain.pt"
     assert stage1.get_parsed_content("pretrain_ckpt") == "/somewhere/models/pretrain.pt"
+
+
+def test_stage1_run_from_stage2_with_the_diagnostics_overlay_leaves_stage_2s_diagnostics_out():
+    stage2 = ConfigParser()
+    stage2.read_config([TRAIN, DIAGNOSTICS])
+    assert stage2["train#diagnostics"]
+    stage1 = stage1_parser(stage2.get(), PRETRAIN)
+    assert stage1["train#diagnostics"] == []  # the audit needs stage 2's iteration

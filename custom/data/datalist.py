@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -275,17 +275,16 @@ def write_datalist(folder: str | Path, content: dict, name: str = "datalist.json
     return path
 
 
-def load_classes(datalist: str | Path, required: bool = True, embedded: bool = False) -> list[str] | None:
+def load_classes(datalist: str | Path, required: bool = True, default: Sequence[str] | None = None) -> list[str] | None:
     """Class names by label value, background first, from a datalist's ``labels`` (the Decathlon
     convention: ``{"0": "background", "1": "liver", ...}``), which must name every value ``0..N-1``.
-    A missing datalist or one without ``labels`` is an error when ``required``, else gives ``None``. With ``embedded``
-    a datalist not generated yet has the embedded phantoms' classes."""
+    While the datalist file does not exist, ``default`` when given (the classes of a dataset the run
+    generates first, e.g. :func:`custom.data.phantoms.embedded_classes`). A missing datalist or one
+    without ``labels`` is an error when ``required``, else gives ``None``."""
     path = Path(datalist)
     try:
-        if embedded and not path.is_file():
-            from custom.data.phantoms import CLASS_NAMES
-
-            return [CLASS_NAMES[str(v)] for v in range(len(CLASS_NAMES))]
+        if default is not None and not path.is_file():
+            return list(default)
         if not path.is_file():
             if not required:
                 return None

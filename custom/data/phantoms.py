@@ -28,6 +28,11 @@ CLASS_NAMES = {"0": "background", "1": "organ", "2": "lesion"}
 DATALIST_NAME = "datalist.json"
 
 
+def embedded_classes() -> list[str]:
+    """The phantoms' class names by label value, background first (their datalist's ``labels``)."""
+    return [CLASS_NAMES[str(v)] for v in range(len(CLASS_NAMES))]
+
+
 @dataclass
 class PhantomConfig:
     """Parameters of the embedded dataset (documented in ``bundle/docs/README.md``)."""
@@ -233,6 +238,18 @@ def generate_dataset(out_dir: str | Path, cfg: PhantomConfig | None = None, **ov
         **splits,
     }
     return write_datalist(out, datalist, DATALIST_NAME)
+
+
+def hidden_label_items(datalist: str | Path, limit: int | None = None) -> list[dict]:
+    """The first ``limit`` (all: None) ``unlabeled`` images of a generated datalist with the label the
+    generator kept for each (``imagesTr/x`` -> ``labelsTr/x``): ground truth training never sees, for
+    audits of the pseudo-labels."""
+    path = Path(datalist)
+    items = []
+    for entry in json.loads(path.read_text())["unlabeled"][:limit]:
+        image = (path.parent / entry["image"]).resolve()
+        items.append({"image": str(image), "label": str(image.parent.parent / "labelsTr" / image.name)})
+    return items
 
 
 def ensure_dataset(out_dir: str | Path, **params) -> Path:

@@ -1,8 +1,8 @@
 """Post-processing of predicted label maps: each chosen class cut to its largest connected component.
 
 A student trained on patches sees little context, and in the 3D phantoms it predicts the organ in
-tens of scattered look-alike blobs beside the true organ (bench/component_audit.py: 8-10 % of its
-predicted organ voxels lie outside the largest component, nearly all of them off the ground truth).
+tens of scattered look-alike blobs beside the true organ, nearly all of them off the ground truth
+(measured in the project's research record, research/results.md).
 For a class that is one connected structure per image, keeping only its largest component removes
 them. It is what MONAI's ``KeepLargestConnectedComponentd`` does, written with SciPy (which the
 project already needs) rather than scikit-image. A class that may come in several pieces (two

@@ -2,13 +2,12 @@
 
 Stage 1 run from stage 2 sees exactly stage 2's configuration (every config file, every override)
 with ``pretrain.json`` layered on top: it is built from the raw configuration of the parser that is
-running stage 2, so no list of keys has to be kept in step.
+running stage 2 (:func:`custom.config.calling_config`), so no list of keys has to be kept in step.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 from pathlib import Path
 
@@ -16,22 +15,10 @@ import torch
 import torch.nn as nn
 from monai.bundle import ConfigParser
 
+from custom.config import calling_config
 from custom.handlers.checkpoints import ARCHITECTURE_FIELDS, TrainingRecord, read_record, student_state
 
 logger = logging.getLogger(__name__)
-
-
-def calling_config() -> dict:
-    """A copy of the raw configuration (all files merged, all overrides applied) of the MONAI
-    ``ConfigParser`` that is evaluating the caller. MONAI hands a config component no reference to its
-    parser; the innermost ``ConfigParser`` method on the call stack is that parser."""
-    frame = inspect.currentframe()
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, ConfigParser):
-            return copy.deepcopy(owner.get())
-        frame = frame.f_back
-    raise RuntimeError("calling_config() must be called while a MONAI bundle config is being parsed")
 
 
 def stage1_parser(stage2_config: dict, pretrain_config: str | Path) -> ConfigParser:

@@ -7,16 +7,19 @@ handlers; these callables hold only the step's own logic.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+from ignite.engine import Engine
 from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 
 from custom.losses.distillation import SemanticDistillationLoss, VisualDistillationLoss
-from custom.losses.pseudo_label import EntropyGate, border_class_counts, nested_parents
+from custom.losses.pseudo_label import EntropyGate, GateResult, border_class_counts, nested_parents
 from custom.teachers.cache import image_key
 from custom.teachers.generalized import GeneralizedTeacher
 from custom.teachers.prompts import Prompts
@@ -79,6 +82,11 @@ def _plain(x) -> torch.Tensor:
     return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
 
 
+#: which distillation paths each ``distillation`` setting turns on
+DISTILLATION_PATHS = {"none": (), "visual": ("visual",), "semantic": ("semantic",), "both": ("visual", "semantic")}
+DISTILLATION_TARGETS = ("cached", "per_view")
+
+
 class DistillationIteration:
     """Stage 1: ``L = L_sup + w_vis * L_visual + w_sem * L_semantic`` on a labelled batch.
 
@@ -105,6 +113,42 @@ class DistillationIteration:
         self.semantic_weight = semantic_weight
         self.teacher = teacher
         self.prefix = prefix
+
+    @classmethod
+    def build(
+        cls,
+        mode: str,
+        teacher: GeneralizedTeacher,
+        spatial_dims: int,
+        student_dim: int,
+        num_classes: int,
+        student_layers: Sequence[str] = ("layer1", "layer2", "layer3"),
+        visual_weight: float = 1.0,
+        semantic_weight: float = 1.0,
+        targets: str = "cached",
+    ) -> DistillationIteration:
+        """The distillation a configuration asks for: the paths of ``mode`` (:data:`DISTILLATION_PATHS`),
+        the visual one pairing ``student_layers`` with the teacher's encoder features in order, the
+        semantic one over the ``num_classes - 1`` foreground classes; with ``targets="per_view"`` the
+        teacher runs on every augmented batch instead of the cached targets being read."""
+        if mode not in DISTILLATION_PATHS:
+            raise ValueError(f"distillation must be one of {tuple(DISTILLATION_PATHS)}, got {mode!r}")
+        if targets not in DISTILLATION_TARGETS:
+            raise ValueError(f"distillation_targets must be one of {DISTILLATION_TARGETS}, got {targets!r}")
+        paths = DISTILLATION_PATHS[mode]
+        visual = semantic = None
+        if "visual" in paths:
+            pairs = dict(zip(student_layers, teacher.feature_names, strict=False))
+            visual = VisualDistillationLoss(spatial_dims, student_dim, pairs, teacher.feature_channels)
+        if "semantic" in paths:
+            semantic = SemanticDistillationLoss(student_dim, num_classes - 1)
+        per_view = teacher if targets == "per_view" and paths else None
+        return cls(visual, semantic, visual_weight, semantic_weight, per_view)
+
+    @property
+    def active(self) -> bool:
+        """Whether any distillation path is on."""
+        return self.visual is not None or self.semantic is not None
 
     @property
     def modules(self) -> nn.ModuleList:
@@ -176,6 +220,24 @@ def random_flip_rot90(tensors: list[torch.Tensor], generator: torch.Generator | 
     return [torch.cat(parts) for parts in out]
 
 
+class Teachers(NamedTuple):
+    """Stage 2's two teachers: the EMA model and the generalized teacher (None when not used)."""
+
+    specialized: nn.Module
+    generalized: GeneralizedTeacher | None
+
+
+class ClassVoxels(NamedTuple):
+    """Voxels per class ``(C,)`` of the kept pseudo-labels and of the labelled batches (None: no step yet)."""
+
+    kept: torch.Tensor | None
+    labelled: torch.Tensor | None
+
+
+#: the schedule each gate reads (``gate="none"`` reads none)
+GATE_SCHEDULES = {"entropy": "entropy_threshold", "quantile": "keep_fraction"}
+
+
 class SemiSupervisedIteration:
     """Stage 2: ``L = L_sup + lambda_u(t) * L_pseudo`` on a labelled and an unlabelled batch.
 
@@ -186,18 +248,21 @@ class SemiSupervisedIteration:
     :class:`EntropyGate` picks each voxel's pseudo-label from the more certain one and masks voxels
     above the threshold. The student sees the strong view (intensity-augmented), and one random
     flip/rotation per sample is applied to that view and to the pseudo-labels and mask alike.
-    ``engine.state.gate_threshold`` and ``engine.state.unsup_weight`` come from
-    :class:`~custom.handlers.ramps.ScheduleHandler`\\ s.
+
+    Handlers work through a small interface: :meth:`set_schedule` (the gate's cut and ``lambda_u``, from
+    :class:`~custom.handlers.ramps.ScheduleHandler`\\ s), :attr:`teachers`, :meth:`set_temperatures`
+    (calibration), :attr:`class_voxels` / :meth:`reset_class_voxels` (pseudo-label coverage) and
+    :meth:`pseudo_labels` (audits).
 
     Args:
         gate: the entropy gate (which teachers, gate on/off).
         pseudo_loss: loss on the gated voxels.
         specialized: the EMA model (``EMAHandler.ema_model``); unused when ``gate.teachers == "generalized"``
             except to prompt the generalized teacher.
-        generalized: the generalized teacher; None when ``gate.teachers == "specialized"``.
+        generalized: the generalized teacher; not used (may be None) when ``gate.teachers == "specialized"``.
         seed: seed of the spatial augmentation of the unlabelled stream.
         strong_key: key of the student's (strong) view in the unlabelled batch.
-        distillation: stage 1's distillation, continued on the labelled batch (None: off).
+        distillation: stage 1's distillation, continued on the labelled batch (None, or one with no path: off).
         reuse_generalized: keep each unlabelled image's generalized-teacher output in memory and reuse it
             while the image's prompts stay the same (no decoder call).
         reuse_tolerance: pixels any box edge or point (of every class or component prompt) may move for
@@ -207,6 +272,10 @@ class SemiSupervisedIteration:
         context_key: key of the unlabelled batch's crop contexts (``RandGridCropd(context_key=...)``): when
             the batch has it, the generalized teacher works on whole slices (see :meth:`teacher_probs`).
     """
+
+    #: the scheduled values a step reads: the entropy gate's threshold (nats), the quantile gate's kept
+    #: fraction of each pseudo-class, and the pseudo-label loss weight ``lambda_u``
+    SCHEDULES = ("entropy_threshold", "keep_fraction", "unsup_weight")
 
     def __init__(
         self,
@@ -229,7 +298,7 @@ class SemiSupervisedIteration:
         self.generalized = generalized if gate.teachers != "specialized" else None
         self.generator = torch.Generator().manual_seed(seed)
         self.strong_key = strong_key
-        self.distillation = distillation
+        self.distillation = distillation if distillation is not None and distillation.active else None
         self.reuse_generalized = reuse_generalized
         self.reuse_tolerance = reuse_tolerance
         self.context_key = context_key
@@ -248,6 +317,95 @@ class SemiSupervisedIteration:
         #: class lies inside which (:func:`~custom.losses.pseudo_label.nested_parents`)
         self.labelled_border_total: torch.Tensor | None = None
         self.parents: list[int | None] | None = None
+        self._schedules: dict[str, float] = {}
+
+    def set_schedule(self, name: str, value: float) -> None:
+        """Set scheduled value ``name`` (one of :attr:`SCHEDULES`) for the next steps."""
+        if name == "gate_threshold":
+            raise ValueError(
+                "schedule 'gate_threshold' was split by meaning: name it 'entropy_threshold' (gate='entropy', "
+                "nats) or 'keep_fraction' (gate='quantile'), e.g. custom.handlers.ramps.gate_schedule's"
+            )
+        if name not in self.SCHEDULES:
+            raise ValueError(f"stage 2 takes the schedules {self.SCHEDULES}, not {name!r}")
+        self._schedules[name] = float(value)
+
+    def scheduled(self, name: str, engine: Engine | None = None) -> float | None:
+        """The value of schedule ``name`` the next step uses: the one :meth:`set_schedule` set, else
+        ``engine.state.<name>`` (or, for the gate's schedule, the ``engine.state.gate_threshold`` that
+        configurations before 0.8 wrote); None when there is none."""
+        if name in self._schedules:
+            return self._schedules[name]
+        state = getattr(engine, "state", None)
+        value = getattr(state, name, None)
+        if value is None and name == self.gate_schedule:
+            value = getattr(state, "gate_threshold", None)
+        return None if value is None else float(value)
+
+    @property
+    def gate_schedule(self) -> str | None:
+        """The schedule the gate reads (:data:`GATE_SCHEDULES`); None for ``gate="none"``."""
+        return GATE_SCHEDULES.get(self.gate.gate)
+
+    def gate_level(self, engine: Engine | None = None) -> float:
+        """The gate's current cut (the entropy threshold or the kept fraction; 0 without a gate)."""
+        if self.gate_schedule is None:
+            return 0.0
+        level = self.scheduled(self.gate_schedule, engine)
+        if level is None:
+            raise RuntimeError(
+                f"stage 2's {self.gate.gate} gate has no threshold: attach a ScheduleHandler with its "
+                f"{self.gate_schedule!r} schedule (custom.handlers.ramps.gate_schedule) or use gate='none'"
+            )
+        return level
+
+    @property
+    def teachers(self) -> Teachers:
+        """The specialized (EMA) and the generalized teacher (None when ``teachers="specialized"``)."""
+        return Teachers(self.specialized, self.generalized)
+
+    def set_temperatures(self, specialized: float, generalized: float | torch.Tensor | None = None) -> None:
+        """Divide the EMA teacher's logits by ``specialized`` before its softmax and the generalized
+        teacher's mask logits by ``generalized`` (scalar or one per class; None leaves it); drops the
+        generalized teacher's stored outputs, which the new temperature makes stale."""
+        self.specialized_temperature = float(specialized)
+        if self.generalized is not None and generalized is not None:
+            self.generalized.mask_temperature = generalized
+            self.forget_generalized()
+
+    @property
+    def class_voxels(self) -> ClassVoxels:
+        """Voxels per class of the kept pseudo-labels and of the labelled batches since the last
+        :meth:`reset_class_voxels`: a class the pseudo-labels never hold is being unlearned."""
+        return ClassVoxels(self.kept_class_voxels, self.labelled_class_voxels)
+
+    def reset_class_voxels(self) -> None:
+        """Start counting :attr:`class_voxels` afresh."""
+        self.kept_class_voxels = self.labelled_class_voxels = None
+
+    def _class_prior(self) -> torch.Tensor | None:
+        """Each class's share of the labelled voxels so far, for the class guard (None without it)."""
+        if self.gate.guard == "none" or self.labelled_class_total is None:
+            return None
+        return self.labelled_class_total.float() / self.labelled_class_total.sum()
+
+    @torch.no_grad()
+    def pseudo_labels(
+        self, weak: torch.Tensor, engine: Engine | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, GateResult]:
+        """Both teachers' class probabilities on the weak view ``weak`` and the gate's decision at its
+        current cut, for audits: the generalized teacher's outputs are fresh and not stored for the
+        training steps to reuse, and the iteration's counters stay as they were."""
+        counters, reuse = (self.generalized_calls, self.generalized_reused), self.reuse_generalized
+        self.reuse_generalized = False
+        try:
+            spec, gen = self.teacher_probs(weak)
+        finally:
+            self.reuse_generalized = reuse
+            self.generalized_calls, self.generalized_reused = counters
+        specialized = spec if self.gate.teachers != "generalized" else None
+        gated = self.gate(specialized, gen, self.gate_level(engine), class_prior=self._class_prior(), prior_probs=spec)
+        return spec, gen, gated
 
     @torch.no_grad()
     def teacher_probs(
@@ -359,24 +517,21 @@ class SemiSupervisedIteration:
         images, labels = engine.prepare_batch(labelled, device, engine.non_blocking)
         weak = _plain(unlabelled["image"]).to(device)
         strong = _plain(unlabelled[self.strong_key]).to(device)
-        if self.gate.gate != "none" and getattr(engine.state, "gate_threshold", None) is None:
-            raise RuntimeError(
-                "stage 2's gate has no threshold: attach a ScheduleHandler named 'gate_threshold' "
-                "(train.json's train#handlers) or use gate='none'"
-            )
-        threshold = float(getattr(engine.state, "gate_threshold", 0.0) or 0.0)
-        unsup_weight = float(getattr(engine.state, "unsup_weight", 1.0))
+        level = self.gate_level(engine)
+        unsup_weight = self.scheduled("unsup_weight", engine)
+        unsup_weight = 1.0 if unsup_weight is None else unsup_weight
 
         reused_before = self.generalized_reused
         context = unlabelled.get(self.context_key) if self.context_key else None
         starts = unlabelled.get(f"{self.context_key}_start") if context is not None else None
         spec, gen = self.teacher_probs(weak, context, starts)
         self._count_labelled(labels, spec.shape[1])  # this batch counts towards the guard's prior before it is used
-        prior = (
-            None if self.gate.guard == "none" else self.labelled_class_total.float() / self.labelled_class_total.sum()
-        )
         gated = self.gate(
-            spec if self.gate.teachers != "generalized" else None, gen, threshold, class_prior=prior, prior_probs=spec
+            spec if self.gate.teachers != "generalized" else None,
+            gen,
+            level,
+            class_prior=self._class_prior(),
+            prior_probs=spec,
         )
         self._count_kept(gated.pseudo_label[gated.mask.bool()], spec.shape[1])
         nesting = {}
@@ -405,10 +560,11 @@ class SemiSupervisedIteration:
                 loss = loss + self.distillation.weighted(distill)
             output[Keys.LOSS] = loss
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        if self.gate_schedule is not None:
+            output[f"gate_{self.gate_schedule}"] = level
         output.update(
             loss_sup=float(loss_sup.detach()),
             loss_pseudo=float(loss_pseudo.detach()),
-            gate_threshold=threshold,
             unsup_weight=unsup_weight,
             **gated.stats(),
             **{f"loss_{k}": float(v.detach()) for k, v in distill.items()},

@@ -86,6 +86,13 @@ def temper_masks(mask_logits: torch.Tensor, temperature: float | torch.Tensor) -
     return torch.sigmoid(logits / temperature)
 
 
+def append_record(path: Path, record: dict) -> None:
+    """Append ``record`` to the JSON-lines file ``path`` (created with its folder if needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def _pad16(x: torch.Tensor) -> torch.Tensor:
     """``(1, C, *S)`` padded at the end of every spatial axis to a multiple of 16 (the student's tokens)."""
     pad = []
@@ -99,8 +106,8 @@ class TeacherCalibration:
     ``interval`` epochs (see the module docstring).
 
     Args:
-        iteration: the :class:`~custom.engines.uncol.SemiSupervisedIteration` whose teachers are calibrated:
-            ``specialized_temperature`` is set on it, ``mask_temperature`` on its generalized teacher.
+        iteration: the :class:`~custom.engines.uncol.SemiSupervisedIteration` whose teachers are calibrated
+            (read from its ``teachers``; the fitted temperatures go to its ``set_temperatures``).
         dataset: labelled cases (dicts with ``image`` and ``label``, deterministic transforms), e.g. the
             validation split; at most ``max_cases`` are used.
         inferer: runs the EMA teacher on a whole image (the validation's sliding-window inferer).
@@ -155,14 +162,13 @@ class TeacherCalibration:
     def teacher_outputs(self, device: torch.device) -> dict[str, torch.Tensor]:
         """At temperature 1: the EMA teacher's logits, the generalized teacher's mask logits and
         prompt validity (prompted by the EMA teacher's boxes) and the truth, one entry per case."""
-        it = self.iteration
-        teacher = it.generalized
+        specialized, teacher = self.iteration.teachers
         spec_logits, masks, valids, truths = [], [], [], []
-        it.specialized.eval()
+        specialized.eval()
         for image, label in self.cases():
             padded = _pad16(image).to(device)
             region = tuple(slice(0, n) for n in image.shape[2:])
-            logits = self.inferer(padded, it.specialized).float()[(slice(None), slice(None), *region)]
+            logits = self.inferer(padded, specialized).float()[(slice(None), slice(None), *region)]
             spec_logits.append(logits.cpu())
             truths.append(label)
             if teacher is not None:
@@ -183,16 +189,16 @@ class TeacherCalibration:
         return {"spec_logits": spec_logits, "masks": masks, "valids": valids, "truths": truths}
 
     def _compose(self, masks, valids, temperature) -> list[torch.Tensor]:
-        abstain = self.iteration.generalized.abstain
+        teacher = self.iteration.teachers.generalized
         out = []
         for mask, valid in zip(masks, valids, strict=True):
             if mask.ndim == 5:  # (1, C, X, Y, Z): compose slice by slice, as the teacher does
-                axis = self.iteration.generalized.slice_axis + 2
+                axis = teacher.slice_axis + 2
                 slices = temper_masks(mask, temperature).movedim(axis, 1)[0]  # (Z, C, X, Y)
-                probs = compose_class_probs(slices, valid, abstain)
+                probs = compose_class_probs(slices, valid, teacher.abstain)
                 out.append(probs.movedim(0, axis - 1)[None])
             else:
-                out.append(compose_class_probs(temper_masks(mask, temperature), valid, abstain))
+                out.append(compose_class_probs(temper_masks(mask, temperature), valid, teacher.abstain))
         return out
 
     @staticmethod
@@ -259,22 +265,15 @@ class TeacherCalibration:
     def __call__(self, engine: Engine) -> None:
         if self.records and self.records[-1]["iteration"] == engine.state.iteration:
             return
-        it = self.iteration
-        it.specialized_temperature = 1.0
-        if it.generalized is not None:
-            it.generalized.mask_temperature = 1.0
+        self.iteration.set_temperatures(1.0, 1.0)  # the fit starts from the teachers' own outputs
         record = self.fit(getattr(engine.state, "device", None) or torch.device("cpu"))
-        it.specialized_temperature = record.pop("_specialized_temperature")
-        if it.generalized is not None:
-            it.generalized.mask_temperature = record.pop("_generalized_temperature")
-            it.forget_generalized()
+        specialized = record.pop("_specialized_temperature")
+        self.iteration.set_temperatures(specialized, record.pop("_generalized_temperature", None))
         record = {"iteration": engine.state.iteration, "epoch": engine.state.epoch, **record}
         self.records.append(record)
         engine.state.calibration = record
         if self.output_file is not None:
-            self.output_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.output_file, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_record(self.output_file, record)
         for name in ("specialized", "generalized"):
             if name in record:
                 r = record[name]
@@ -285,3 +284,24 @@ class TeacherCalibration:
                     r["temperature"],
                     *r["ece"],
                 )
+
+
+class CalibrationRecords:
+    """Append each fit of :class:`TeacherCalibration` (``engine.state.calibration``: the temperatures and
+    each teacher's NLL and ECE before and after) to the JSON-lines ``output_file``, once per fit. A
+    diagnostic, wired by ``diagnostics.json``; attach it after the calibration handler."""
+
+    def __init__(self, output_file: str | Path) -> None:
+        self.output_file = Path(output_file)
+        self._written: dict | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        record = getattr(engine.state, "calibration", None)
+        if record is None or record is self._written:
+            return
+        append_record(self.output_file, record)
+        self._written = record

@@ -3,13 +3,14 @@
 On the embedded data the unlabelled images keep hidden labels (``labelsTr/``), so what the entropy
 gate claims can be measured: are the voxels it keeps more often right than the ones it rejects, how
 right is each teacher where it supplies the label, and how often are both teachers confidently wrong
-(the case no entropy gate can catch).
+(the case no entropy gate can catch). ``diagnostics.json`` (layered on ``train.json``) wires it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -65,10 +66,22 @@ def audit_pseudo_labels(
     return out
 
 
+def load_cases(items: Sequence[dict], transform: Callable[[dict], dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images (N, 1, *S), labels (N, 1, *S))`` of image/label ``items`` after ``transform`` (the
+    deterministic preprocessing the teachers' view gets; the images must come out the same size)."""
+    cases = [transform(dict(item)) for item in items]
+    images = torch.stack([torch.as_tensor(c["image"]).float() for c in cases])
+    return images, torch.stack([torch.as_tensor(c["label"]) for c in cases])
+
+
 class PseudoLabelAudit:
     """Every ``interval`` iterations, run stage 2's teachers and gate on a fixed set of unlabelled images
     and score them against their hidden labels; the records go to ``output_file`` (JSON lines) and
     ``self.records``. Training is unaffected: the audit uses no randomness and changes no counters.
+
+    A record's ``threshold`` is the entropy under which a teacher counts as confident: the entropy
+    gate's threshold, or under the quantile gate the largest entropy it kept (its ``keep_fraction``
+    is recorded too).
 
     Args:
         iteration: the :class:`~custom.engines.uncol.SemiSupervisedIteration` being trained.
@@ -93,6 +106,19 @@ class PseudoLabelAudit:
         self.output_file = Path(output_file) if output_file is not None else None
         self.records: list[dict] = []
 
+    @classmethod
+    def of_items(
+        cls,
+        iteration,
+        items: Sequence[dict],
+        transform: Callable[[dict], dict],
+        interval: int = 50,
+        output_file: str | Path | None = None,
+    ) -> PseudoLabelAudit:
+        """The audit of image/label ``items`` (:func:`load_cases`), as configs build it."""
+        images, labels = load_cases(items, transform)
+        return cls(iteration, images, labels, interval, output_file)
+
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
         engine.add_event_handler(Events.COMPLETED, self)
@@ -102,14 +128,15 @@ class PseudoLabelAudit:
         if self.records and self.records[-1]["iteration"] == engine.state.iteration:
             return  # the last interval coincided with the end
         it = self.iteration
-        counters = (it.generalized_calls, it.generalized_reused)
-        device = engine.state.device
-        threshold = float(getattr(engine.state, "gate_threshold", 0.0))
-        spec, gen = it.teacher_probs(self.images.to(device))
-        it.generalized_calls, it.generalized_reused = counters
-        gated = it.gate(spec if it.gate.teachers != "generalized" else None, gen, threshold)
-        record = {"iteration": engine.state.iteration}
-        record.update(audit_pseudo_labels(spec, gen, gated, self.labels.to(device).long(), threshold))
+        spec, gen, gated = it.pseudo_labels(self.images.to(engine.state.device), engine)
+        record: dict = {"iteration": engine.state.iteration}
+        if it.gate_schedule == "keep_fraction":
+            record["keep_fraction"] = it.gate_level(engine)
+            threshold = float(gated.entropy[gated.mask.bool()].max()) if gated.mask.any() else 0.0
+        else:
+            threshold = it.gate_level(engine)
+        labels = self.labels.to(engine.state.device).long()
+        record.update(audit_pseudo_labels(spec, gen, gated, labels, threshold))
         self.records.append(record)
         if self.output_file is not None:
             self.output_file.parent.mkdir(parents=True, exist_ok=True)

@@ -1,14 +1,17 @@
-"""Time-dependent schedules of stage 2 (gate threshold, unsupervised weight) as Ignite handlers.
+"""Time-dependent schedules of stage 2 as Ignite handlers: the gate's cut and the unsupervised weight.
 
-A :class:`ScheduleHandler` writes ``schedule(t)`` to ``engine.state.<name>`` at the start of every
-iteration (``t`` counts completed iterations), where the iteration function reads it and the
-stats handlers log it.
+Each schedule has one meaning and the name it is handed to the stage 2 iteration under
+(:attr:`~custom.engines.uncol.SemiSupervisedIteration.SCHEDULES`): ``entropy_threshold`` (nats, read by
+``gate="entropy"``), ``keep_fraction`` (the fraction of each pseudo-class kept, read by
+``gate="quantile"``) and ``unsup_weight``. A :class:`ScheduleHandler` hands ``schedule(t)`` to the
+iteration at the start of every iteration (``t`` counts completed iterations); the iteration uses it
+and puts it in its output, where the stats handlers log it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from typing import Protocol
 
 from ignite.engine import Engine, Events
 
@@ -29,6 +32,8 @@ class ThresholdSchedule:
     ``ln(C)`` is the largest possible entropy of C classes, so the threshold is a fraction of it.
     """
 
+    name = "entropy_threshold"
+
     def __init__(
         self, num_classes: int, ramp_iters: int, start: float = 0.75, end: float = 1.0, ramped: bool = True
     ) -> None:
@@ -47,6 +52,8 @@ class KeptFractionSchedule:
     ``start < end`` starts strict and relaxes as the teachers improve; ``start > end`` tightens over
     training (the paper's "gradually increases confidence requirements")."""
 
+    name = "keep_fraction"
+
     def __init__(self, ramp_iters: int, start: float = 0.5, end: float = 0.8) -> None:
         for name, value in (("start", start), ("end", end)):
             if not 0.0 < value <= 1.0:
@@ -57,6 +64,14 @@ class KeptFractionSchedule:
         return self.start + (self.end - self.start) * sigmoid_rampup(t, self.ramp_iters)
 
 
+class Schedule(Protocol):
+    """A value over training: ``schedule(t)`` at ``t`` completed iterations, handed over as ``name``."""
+
+    name: str
+
+    def __call__(self, t: int) -> float: ...
+
+
 def gate_schedule(
     gate: str,
     num_classes: int,
@@ -64,8 +79,9 @@ def gate_schedule(
     ramped: bool = True,
     keep_start: float = 0.5,
     keep_end: float = 0.8,
-) -> Callable[[int], float]:
-    """The threshold schedule the gate reads: a kept fraction for ``gate="quantile"``, an entropy otherwise."""
+) -> ThresholdSchedule | KeptFractionSchedule:
+    """The schedule the gate reads: the kept fraction (``keep_start`` -> ``keep_end``) for
+    ``gate="quantile"``, the entropy threshold (ramped unless ``ramped`` is False) otherwise."""
     if gate == "quantile":
         return KeptFractionSchedule(ramp_iters, keep_start, keep_end)
     return ThresholdSchedule(num_classes, ramp_iters, ramped=ramped)
@@ -74,6 +90,8 @@ def gate_schedule(
 class WeightSchedule:
     """Unsupervised loss weight ``lambda_u(t) = max_weight * rampup(t)``."""
 
+    name = "unsup_weight"
+
     def __init__(self, max_weight: float, ramp_iters: int) -> None:
         self.max_weight, self.ramp_iters = max_weight, ramp_iters
 
@@ -81,15 +99,36 @@ class WeightSchedule:
         return self.max_weight * sigmoid_rampup(t, self.ramp_iters)
 
 
-class ScheduleHandler:
-    """Set ``engine.state.<name> = schedule(completed iterations)`` before each iteration."""
+class ScheduleTarget(Protocol):
+    """What takes scheduled values: the stage 2 iteration (``SemiSupervisedIteration.set_schedule``)."""
 
-    def __init__(self, name: str, schedule: Callable[[int], float]) -> None:
-        self.name = name
+    def set_schedule(self, name: str, value: float) -> None: ...
+
+
+class ScheduleHandler:
+    """Before each iteration, hand ``schedule(completed iterations)`` to the stage 2 ``iteration`` under
+    the schedule's name (``name`` overrides it). The first value is handed over at once, so that a
+    name the iteration does not take stops the run while the configuration is read, not at its first
+    step. Without ``iteration`` the value goes to ``engine.state.<name>`` (an engine of one's own; the
+    stage 2 iteration reads a value there that it was not handed, as configurations before 0.8 did).
+    """
+
+    def __init__(self, schedule: Schedule, iteration: ScheduleTarget | None = None, name: str | None = None) -> None:
         self.schedule = schedule
+        self.iteration = iteration
+        self.name = name or schedule.name
+        if iteration is not None:
+            try:
+                iteration.set_schedule(self.name, float(schedule(0)))
+            except ValueError as err:  # a config's mistake: one line, not a traceback through the parser
+                raise SystemExit(f"error: ScheduleHandler: {err}") from None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
-        setattr(engine.state, self.name, float(self.schedule(engine.state.iteration - 1)))
+        value = float(self.schedule(engine.state.iteration - 1))
+        if self.iteration is not None:
+            self.iteration.set_schedule(self.name, value)
+        else:
+            setattr(engine.state, self.name, value)

@@ -1,7 +1,8 @@
 """Fill the generalized teacher's encoder cache before stage 2's first step, with a progress bar.
 
 Without it the first epoch pays for every image the teacher has not seen yet, silently: a 3D dataset
-can spend hours there on CPU (distinct slices x 1.4-2.3 s; bundle/docs/README.md, "Teacher cache").
+can spend hours there on CPU (every distinct slice is one encoder pass; bundle/docs/teachers.md, teacher
+cache).
 :class:`TeacherCacheWarmUp` goes through the unlabelled images once, after the same deterministic
 preprocessing as training, cuts each one into the fixed tiles its random crops are drawn from
 (``RandGridCropd(tiles=True)``; in 3D only the in-plane tiles matter, since the teacher sees slices),

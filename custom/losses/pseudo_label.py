@@ -1,26 +1,27 @@
 """Uncertainty-aware pseudo-labelling of UnCoL stage 2.
 
 For every unlabelled voxel the Shannon entropy of each teacher's class probabilities is computed;
-the more certain teacher (lower entropy) supplies the pseudo-label, and only voxels whose chosen
-entropy is below the current threshold are supervised. The threshold is an entropy (``gate="entropy"``,
-UA-MT's rule) or, with ``gate="quantile"``, the fraction of each pseudo-class's voxels to keep: per
-class, the voxels with the lowest entropy in the batch (self-adaptive: informative for any number of
-classes and however confident the teachers are). Where the teachers disagree on the class,
-``disagreement="mask"`` drops the voxel instead of letting the lower entropy decide.
+the more certain teacher (lower entropy) supplies the pseudo-label, and only the most certain voxels
+are supervised. The gate's cut is one of two schedules (:mod:`custom.handlers.ramps`): with
+``gate="entropy"`` (UA-MT's rule) the ``entropy_threshold``, in nats, under which a voxel is kept; with
+``gate="quantile"`` the ``keep_fraction`` of each pseudo-class's voxels kept, those of lowest entropy
+in the batch (self-adaptive: informative for any number of classes and however confident the
+teachers are). Where the teachers disagree on the class, ``disagreement="mask"`` drops the voxel
+instead of letting the lower entropy decide.
 
 ``guard="prior"`` keeps a class the teachers miss from being unlearned: when neither teacher labels a
 class on the unlabelled images, every kept voxel there says "another class", and the student
-unlearns it (Colin27, seed 2: results.md). With the labelled data's class fractions as a prior, the
-voxels where the EMA teacher's probability of class ``c`` is highest (as many as the prior expects of
-``c`` in the batch) are not supervised as another class: where a class is expected, the pseudo-labels
-abstain unless they say that class.
+unlearns it (seen on a real-anatomy task: the project's research record, research/results.md). With
+the labelled data's class fractions as a prior, the voxels where the EMA teacher's probability of
+class ``c`` is highest (as many as the prior expects of ``c`` in the batch) are not supervised as
+another class: where a class is expected, the pseudo-labels abstain unless they say that class.
 
 ``PseudoLabelLoss(nesting="labelled")`` reads a pseudo-label of a class that others lie inside as "this
 class or one inside it". A lesion inside an organ that both teachers miss is pseudo-labelled organ
-(the embedded 2D audit: 77 % of the true lesion kept as another class; the phantoms' lesions lie inside
+(the embedded 2D audit keeps most of the true lesion as another class; the phantoms' lesions lie inside
 the organ); a plain loss then teaches the student that the lesion is organ. Which class lies inside
 which is read off the labelled batches (:func:`nested_parents`: most of a class's outer border is the
-other class), so the switch does nothing where no class is nested (Colin27's nuclei).
+other class), so the switch does nothing where no class is nested (side-by-side structures).
 """
 
 from __future__ import annotations
@@ -153,8 +154,9 @@ class EntropyGate:
 
     Args:
         teachers: ``both`` (UnCoL), ``specialized`` (Mean Teacher with the same gate) or ``generalized``.
-        gate: ``entropy`` (keep voxels whose chosen entropy < threshold), ``quantile`` (the threshold is
-            the fraction of each pseudo-class's voxels kept, those of lowest entropy) or ``none`` (keep all).
+        gate: ``entropy`` (keep voxels whose chosen entropy is under the call's ``threshold``, an entropy),
+            ``quantile`` (the call's ``threshold`` is the fraction of each pseudo-class's voxels kept, those
+            of lowest entropy) or ``none`` (keep all).
         disagreement: with both teachers, where their classes differ: ``entropy`` (the lower entropy
             decides, then the gate) or ``mask`` (not supervised).
         guard: ``prior``: where the EMA teacher's probability of a class is among the highest that the

@@ -211,7 +211,7 @@ class EncoderCache:
                 logger.warning(
                     "teacher cache %s: the budget %s is smaller than this run's working set (entries stored in "
                     "this run are evicted again, %d of them held now, about %.1f MB each): they will be "
-                    "recomputed; raise teacher_cache_budget_gb (see bundle/docs/README.md for the size formula)",
+                    "recomputed; raise teacher_cache_budget_gb (bundle/docs/teachers.md has the size formula)",
                     self.directory,
                     _gb(self.budget_bytes),
                     kept,

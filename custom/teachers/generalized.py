@@ -48,7 +48,7 @@ in either mode, the maximal entropy ``ln(1 + C)``, so an entropy gate always pre
 there.
 
 The teacher is frozen: eval mode for good, no parameter requires grad, and it computes under
-``torch.inference_mode`` in float32 (never under CPU autocast: bf16 is ~17x slower there).
+``torch.inference_mode`` in float32 (never under CPU autocast: bf16 is many times slower there).
 Outputs are cloned out of inference mode so losses may use them as targets.
 """
 
@@ -250,8 +250,8 @@ class GeneralizedTeacher(nn.Module):
     @property
     def feature_channels(self) -> dict[str, int]:
         """Channels of each returned encoder feature, found once by a shape-only pass of the encoder: its
-        weights swapped for meta tensors, so nothing is computed (a real pass costs 1.4 s for LiteMedSAM,
-        10 s for SAM ViT-B on 2 cores, in every process that builds the projections)."""
+        weights swapped for meta tensors, so nothing is computed (a real pass costs seconds on a CPU, in
+        every process that builds the projections; bundle/docs/teachers.md)."""
         if not hasattr(self, "_feature_channels"):
             encoder = self.model.image_encoder
             tensors = chain(encoder.named_parameters(), encoder.named_buffers())

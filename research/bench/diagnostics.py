@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = parser.get_parsed_content("train#trainer")
     audit.attach(trainer)
     parser.get_parsed_content("run")
-    threshold = float(trainer.state.gate_threshold)
+    threshold = iteration.gate_level(trainer)  # the entropy gate's threshold at the end
     calib = calibration(parser, iteration, threshold)
     audit_png, reliability_png = plots(audit.records, calib, results)
     payload = {
