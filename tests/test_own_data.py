@@ -50,9 +50,10 @@ def _bundle_run(cwd: Path, run_id: str, configs: list[str], **overrides) -> subp
 
 @pytest.fixture(scope="module")
 def own2d(tmp_path_factory) -> SimpleNamespace:
-    """Stage 2 (stage 1 run implicitly) on 40x56 and 48x36 images with 4 classes, from another folder."""
+    """Stage 2 (stage 1 run implicitly) on 40x56 and 48x36 images of 0.8 mm pixels with 4 classes, from
+    another folder, trained at their own spacing, each stage shorter than the validation interval."""
     work = tmp_path_factory.mktemp("own2d")
-    write_dataset(work / "data", [(40, 56), (48, 36)], (1.0, 1.0), TINY_COUNTS)
+    write_dataset(work / "data", [(40, 56), (48, 36)], (0.8, 0.8), TINY_COUNTS)
     settings = {
         "use_embedded_data": False,
         "datalist": "data/datalist.json",
@@ -60,7 +61,9 @@ def own2d(tmp_path_factory) -> SimpleNamespace:
         "output_dir": "runs/eval",
         "teacher_cache_dir": "runs/cache",
         "roi_size": [32, 32],
+        "pixdim": [0.8, 0.8],
         **TINY_RUN,
+        "val_interval": 3,  # 2 epochs a stage: each must still validate once and save its checkpoint
     }
     proc = _bundle_run(work, "training", [TRAIN], **settings)
     return SimpleNamespace(work=work, settings=settings, log=proc.stdout + proc.stderr)
@@ -73,10 +76,13 @@ def test_own_2d_data_trains_both_stages_with_its_classes_and_folders(own2d):
         record = torch.load(models / name, map_location="cpu", weights_only=True)["record"]
         assert record["num_classes"] == 4 and record["class_names"] == list(LABELS.values())[1:], name
         assert record["labelled_cases"].startswith("4 cases") and record["spatial_dims"] == 2
+        assert record["pixdim"] == [0.8, 0.8], name
     assert (own2d.work / "runs" / "eval").is_dir()
 
 
 def test_own_2d_inference_and_evaluation(own2d, monkeypatch):
+    """Inference and evaluation take the spacing the checkpoint was trained at from its record (no
+    --pixdim given), and refuse another one."""
     work = own2d.work
     _bundle_run(work, "inference", [INFER], ckpt_path="runs/models/model.pt", input_dir="data/images",
                 output_dir="runs/seg", roi_size=[32, 32], **TINY_NET)  # fmt: skip
@@ -90,6 +96,9 @@ def test_own_2d_inference_and_evaluation(own2d, monkeypatch):
                 report_dir="runs/report", output_dir="runs/eval", **settings, **TINY_NET)  # fmt: skip
     report = json.loads((work / "runs" / "report" / "report.json").read_text())
     assert list(report["metrics"]["test_dice"]) == ["gm", "wm_a", "wm_b"] and report["num_cases"] == 2
+    with pytest.raises(SystemExit, match=r"model.pt: .*pixdim"):
+        _in_process(work, monkeypatch, "inference", [INFER], ckpt_path="runs/models/model.pt", pixdim=[1.0, 1.0],
+                    input_dir="data/images", output_dir="runs/seg_other", roi_size=[32, 32], **TINY_NET)  # fmt: skip
 
 
 def _in_process(work: Path, monkeypatch, run_id: str, configs: list[str], **overrides) -> None:
