@@ -118,3 +118,60 @@ def configured(teacher, **settings):
     finally:
         for k, v in saved.items():
             setattr(teacher, k, v)
+
+
+def write_dicom_series(
+    folder: Path,
+    stored,
+    *,
+    pixel_spacing: tuple[float, float] = (0.7, 0.8),
+    step: float = 2.5,
+    origin: tuple[float, float, float] = (-20.0, -30.0, 10.0),
+    orientation: tuple = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
+    rescale: tuple[float, float] = (1.0, -1024.0),
+    thickness: bool = True,
+    series_uid: str | None = None,
+    skip: tuple[int, ...] | set[int] = (),
+    name: str = "slice_{:03d}.dcm",
+) -> list[str]:
+    """Write ``stored`` (slices, rows, columns of stored integers; slice k at ``origin`` + k ``step`` along
+    the normal of ``orientation``, the LPS directions along a row and down a column) as one CT series,
+    one file per slice, with file names and instance numbers in reverse position order (a reader must
+    sort by position). ``pixel_spacing``: (between rows, between columns) in mm. Returns the SOP
+    instance UIDs by position (skipped slices left out)."""
+    import datetime
+
+    import numpy as np
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    along_row, along_column = (np.asarray(v, dtype=float) for v in orientation)
+    normal = np.cross(along_row, along_column)
+    series_uid = series_uid or generate_uid()
+    study, frame = generate_uid(), generate_uid()
+    uids = []
+    for k, plane in enumerate(stored):
+        if k in skip:
+            continue
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.PatientID, ds.ContentDate = "CT", "phantom", datetime.date.today().strftime("%Y%m%d")
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series_uid, frame
+        ds.SeriesNumber, ds.InstanceNumber = 3, len(stored) - k
+        ds.ImagePositionPatient = [float(v) for v in np.asarray(origin) + k * step * normal]
+        ds.ImageOrientationPatient = [float(v) for v in (*along_row, *along_column)]
+        ds.PixelSpacing = list(pixel_spacing)
+        if thickness:
+            ds.SliceThickness = step
+        ds.Rows, ds.Columns = plane.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+        ds.PixelData = plane.astype(np.uint16).tobytes()
+        ds.save_as(folder / name.format(len(stored) - k), enforce_file_format=True)
+        uids.append(str(ds.SOPInstanceUID))
+    return uids

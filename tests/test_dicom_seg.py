@@ -6,7 +6,6 @@ The label is random per voxel, so any transposition, flip or slice shift of the 
 
 from __future__ import annotations
 
-import datetime
 from pathlib import Path
 
 import highdicom as hd
@@ -14,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from conftest import write_dicom_series
 from monai.transforms import LoadImage
 
 from custom.data.datalist import DatalistError
@@ -37,39 +37,11 @@ ORIENTATIONS = {
 
 
 def write_series(folder: Path, stored: np.ndarray, orientation: str = "oblique", thickness: bool = True) -> list[str]:
-    """Write ``stored`` (slices, rows, columns; slice k at position k along the normal) as a CT series
-    with file names and instance numbers in reverse position order; returns the SOP instance UIDs by
-    position. Type 2 patient and study attributes (name, birth date, sex, study date ...) are left out."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    folder.mkdir(parents=True, exist_ok=True)
-    along_row, along_column = (np.asarray(v) for v in ORIENTATIONS[orientation])
-    normal = np.cross(along_row, along_column)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    uids = []
-    for k, plane in enumerate(stored):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.PatientID, ds.ContentDate = "CT", "phantom-7", datetime.date.today().strftime("%Y%m%d")
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.SeriesNumber, ds.InstanceNumber = 3, len(stored) - k
-        ds.ImagePositionPatient = [float(v) for v in np.array([-12.5, 30.0, 40.0]) + k * STEP * normal]
-        ds.ImageOrientationPatient = [float(v) for v in (*along_row, *along_column)]
-        ds.PixelSpacing = list(PIXEL_SPACING)
-        if thickness:
-            ds.SliceThickness = STEP
-        ds.Rows, ds.Columns = plane.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleSlope, ds.RescaleIntercept = SLOPE, INTERCEPT
-        ds.PixelData = plane.astype(np.uint16).tobytes()
-        ds.save_as(folder / f"IM{len(stored) - k:04d}", enforce_file_format=True)  # no suffix: found by preamble
-        uids.append(str(ds.SOPInstanceUID))
-    return uids
+    """``stored`` (slices, rows, columns) as this module's CT series; SOP instance UIDs by position."""
+    return write_dicom_series(
+        folder, stored, pixel_spacing=PIXEL_SPACING, step=STEP, origin=(-12.5, 30.0, 40.0),
+        orientation=ORIENTATIONS[orientation], rescale=(SLOPE, INTERCEPT), thickness=thickness, name="IM{:04d}",
+    )  # fmt: skip
 
 
 def make_case(tmp_path: Path, orientation: str = "oblique", slices: int = SLICES, **series_options):
@@ -122,7 +94,7 @@ def test_dicom_seg_matches_the_nifti_voxel_for_voxel(tmp_path, orientation):
         assert np.allclose(position, by_uid[uid].ImagePositionPatient, atol=1e-4)
     assert seg.NumberOfFrames == 2 * (SLICES - 1)  # organ and lesion on the non-empty slices
     source = by_uid[uids[0]]
-    assert seg.StudyInstanceUID == source.StudyInstanceUID and seg.PatientID == "phantom-7"
+    assert seg.StudyInstanceUID == source.StudyInstanceUID and seg.PatientID == source.PatientID == "phantom"
     assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
     assert {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence} == set(uids)

@@ -3,13 +3,13 @@ test itself; the segmentation comes back as NIfTI in the input's space."""
 
 from __future__ import annotations
 
-import datetime
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, TINY_NET, save_student
+from conftest import CONFIGS, TINY_NET, save_student, write_dicom_series
 from monai.bundle import run
 from monai.transforms import LoadImage
 
@@ -19,37 +19,9 @@ INFER = [str(CONFIGS / "inference.json"), str(CONFIGS / "inference_3d.json")]
 SLOPE, INTERCEPT = 2.0, -100.0
 
 
-def write_dicom_series(folder, volume: np.ndarray, spacing=(0.7, 0.8), step=2.5, series_uid=None, skip=()):
-    """Write ``volume`` (z, rows, cols) of stored integers as one axial CT series, one file per slice,
-    file names in reverse position order (a reader must sort by position, not by name)."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    folder.mkdir(parents=True, exist_ok=True)
-    series_uid = series_uid or generate_uid()
-    study_uid, frame_uid = generate_uid(), generate_uid()
-    for k, plane in enumerate(volume):
-        if k in skip:
-            continue
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.PatientID, ds.ContentDate = "CT", "phantom", datetime.date.today().strftime("%Y%m%d")
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
-        ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [-20.0, -30.0, 10.0 + k * step]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = [spacing[0], spacing[1]]  # row spacing (y), column spacing (x)
-        ds.SliceThickness = step
-        ds.Rows, ds.Columns = plane.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleSlope, ds.RescaleIntercept = SLOPE, INTERCEPT
-        ds.PixelData = plane.astype(np.uint16).tobytes()
-        ds.save_as(folder / f"slice_{len(volume) - k:03d}.dcm", enforce_file_format=True)
+def write_series(folder: Path, volume: np.ndarray, **options) -> Path:
+    """``volume`` as an axial CT series in ``folder`` (rescale SLOPE, INTERCEPT); returns the folder."""
+    write_dicom_series(folder, volume, rescale=(SLOPE, INTERCEPT), **options)
     return folder
 
 
@@ -71,7 +43,7 @@ def _infer(ckpt, src, out):
 
 def test_dicom_series_is_read_sorted_by_position_with_rescale_and_spacing(tmp_path):
     volume = np.random.default_rng(0).integers(0, 1000, (6, 20, 24))
-    folder = write_dicom_series(tmp_path / "series", volume)
+    folder = write_series(tmp_path / "series", volume)
     (item,) = find_images(folder)
     image = LoadImage(image_only=True, reader="ITKReader")(item["image"])
     # MONAI/ITK order (x, y, z): x = columns, y = rows, z = slices sorted by position
@@ -83,13 +55,13 @@ def test_dicom_series_is_read_sorted_by_position_with_rescale_and_spacing(tmp_pa
 def test_dicom_series_problems_are_named(tmp_path):
     volume = np.zeros((5, 8, 8))
     with pytest.raises(DatalistError, match="slice is missing"):
-        check_dicom_series(write_dicom_series(tmp_path / "gap", volume, skip={2}))
-    mixed = write_dicom_series(tmp_path / "mixed", volume)
-    write_dicom_series(mixed / "..", volume[:1], series_uid="1.2.3.4")  # into its parent, then move in
+        check_dicom_series(write_series(tmp_path / "gap", volume, skip={2}))
+    mixed = write_series(tmp_path / "mixed", volume)
+    write_series(mixed / "..", volume[:1], series_uid="1.2.3.4")  # into its parent, then move in
     (tmp_path / "slice_001.dcm").rename(mixed / "other.dcm")
     with pytest.raises(DatalistError, match="mixes 2 DICOM series"):
         check_dicom_series(mixed)
-    uneven = write_dicom_series(tmp_path / "uneven", volume)
+    uneven = write_series(tmp_path / "uneven", volume)
     import pydicom
 
     ds = pydicom.dcmread(uneven / "slice_001.dcm")  # the last slice: move it 0.4 mm
@@ -102,7 +74,7 @@ def test_dicom_series_problems_are_named(tmp_path):
 def test_inference_on_a_dicom_series_writes_nifti_in_its_space(tmp_path, model_3d):
     src = tmp_path / "in"
     volume = np.random.default_rng(1).integers(0, 1000, (16, 40, 36))
-    write_dicom_series(src / "ct_series", volume)
+    write_series(src / "ct_series", volume)
     _infer(model_3d, src, tmp_path / "out")
     seg = nib.load(tmp_path / "out" / "ct_series_seg.nii.gz")
     expected = LoadImage(image_only=True, reader="ITKReader")(str(src / "ct_series"))

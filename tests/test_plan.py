@@ -4,7 +4,6 @@ the normalisation transforms."""
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import os
@@ -16,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import write_dicom_series
 from monai.data import MetaTensor
 from monai.transforms import NormalizeIntensity
 
@@ -171,35 +171,6 @@ def write_binary_nrrd(root: Path) -> tuple[Path, np.ndarray]:
         json.dumps({"labels": {"0": "background", "1": "vessel"}, "training": training})
     )
     return root / "datalist.json", counts
-
-
-def write_dicom_series(folder: Path, volume: np.ndarray, spacing=(0.7, 0.8), step=2.5) -> Path:
-    """``volume`` (slices, rows, cols) of stored integers as one axial CT series (rescale -1024)."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    folder.mkdir(parents=True, exist_ok=True)
-    series, study, frame = generate_uid(), generate_uid(), generate_uid()
-    for k, plane in enumerate(volume):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.PatientID, ds.ContentDate = "CT", "phantom", datetime.date.today().strftime("%Y%m%d")
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [0.0, 0.0, k * step]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = list(spacing)  # row spacing (y), column spacing (x)
-        ds.SliceThickness = step
-        ds.Rows, ds.Columns = plane.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.PixelData = plane.astype(np.uint16).tobytes()
-        ds.save_as(folder / f"slice_{k:03d}.dcm", enforce_file_format=True)
-    return folder
 
 
 @pytest.fixture(scope="module")

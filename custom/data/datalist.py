@@ -62,10 +62,9 @@ def dicom_files(folder: str | Path) -> list[Path]:
     return sorted(f for f in folder.iterdir() if f.is_file() and _is_dicom_file(f)) if folder.is_dir() else []
 
 
-def check_dicom_series(folder: str | Path, rel_tol: float = 0.01) -> None:
-    """One series per folder, slices on a regular grid: raise :class:`DatalistError` for mixed series,
-    differing orientation or pixel spacing, duplicated positions, a missing slice or uneven spacing.
-    (ITK's series reader would otherwise stack such a folder silently into a wrong volume.)"""
+def dicom_headers(folder: str | Path) -> tuple[list[Path], list]:
+    """The DICOM files directly inside ``folder`` and their headers (pixel data not read); a folder
+    without DICOM files or a file that cannot be read raises :class:`DatalistError` naming it."""
     import pydicom
 
     folder = Path(folder)
@@ -78,6 +77,17 @@ def check_dicom_series(folder: str | Path, rel_tol: float = 0.01) -> None:
             headers.append(pydicom.dcmread(f, stop_before_pixels=True))
         except Exception as err:
             raise DatalistError(f"{f}: cannot read DICOM header ({type(err).__name__}: {err})") from err
+    return files, headers
+
+
+def check_dicom_series(folder: str | Path, rel_tol: float = 0.01, headers: list | None = None) -> None:
+    """One series per folder, slices on a regular grid: raise :class:`DatalistError` for mixed series,
+    differing orientation or pixel spacing, duplicated positions, a missing slice or uneven spacing.
+    (ITK's series reader would otherwise stack such a folder silently into a wrong volume.) ``headers``:
+    the folder's, when the caller has read them already."""
+    folder = Path(folder)
+    if headers is None:
+        headers = dicom_headers(folder)[1]
     series = {str(h.get("SeriesInstanceUID", "")) for h in headers}
     if len(series) > 1:
         raise DatalistError(f"{folder}: folder mixes {len(series)} DICOM series; put each series in its own folder")
@@ -168,6 +178,21 @@ def check_pair(
             )
 
 
+def read_datalist_json(path: str | Path, key: str = "training") -> dict:
+    """The datalist file's JSON object; a missing file, invalid JSON or another JSON value raises
+    :class:`DatalistError` naming the file (``key``: the list the caller expects, for the message)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatalistError(f"{path}: datalist file does not exist")
+    try:
+        content = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatalistError(f"{path}: datalist is not valid JSON ({err})") from err
+    if not isinstance(content, dict):
+        raise DatalistError(f"{path}: datalist must be a JSON object with a '{key}' list")
+    return content
+
+
 def load_datalist(
     datalist: str | Path,
     key: str,
@@ -192,14 +217,7 @@ def load_datalist(
         entries with absolute ``image`` (and ``label``) paths.
     """
     path = Path(datalist)
-    if not path.is_file():
-        raise DatalistError(f"{path}: datalist file does not exist")
-    try:
-        content = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DatalistError(f"{path}: datalist is not valid JSON ({err})") from err
-    if not isinstance(content, dict):
-        raise DatalistError(f"{path}: datalist must be a JSON object with a '{key}' list")
+    content = read_datalist_json(path, key)
     entries = content.get(key)
     if entries is None:
         raise DatalistError(f"{path}: datalist has no '{key}' key (keys: {sorted(content)})")

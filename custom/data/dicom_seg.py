@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from custom.data.datalist import DatalistError, check_dicom_series, dicom_files, exit_on_error
+from custom.data.datalist import DatalistError, check_dicom_series, dicom_files, dicom_headers, exit_on_error
 from custom.data.outputs import output_path
 
 logger = logging.getLogger(__name__)
@@ -112,18 +112,8 @@ def bundle_version(metadata_file: str | Path | None = None) -> str | None:
 def read_series(folder: str | Path) -> list[Any]:
     """The headers of the DICOM series in ``folder``, sorted by position along the slice normal (as
     ITK stacks them), after checking that a Segmentation can reference and place them."""
-    import pydicom
-
     folder = Path(folder)
-    files = dicom_files(folder)
-    if not files:
-        raise DatalistError(f"{folder}: folder has no DICOM files")
-    headers = []
-    for f in files:
-        try:
-            headers.append(pydicom.dcmread(f, stop_before_pixels=True))
-        except Exception as err:
-            raise DatalistError(f"{f}: cannot read DICOM header ({type(err).__name__}: {err})") from err
+    files, headers = dicom_headers(folder)
     # a single slice has no spacing to stand in for a missing slice thickness
     required = REQUIRED_TAGS + (("SliceThickness",) if len(headers) == 1 else ())
     lacking = {f: [t for t in required if h.get(t) in (None, "", [])] for f, h in zip(files, headers, strict=True)}
@@ -134,7 +124,9 @@ def read_series(folder: str | Path) -> list[Any]:
         raise DatalistError(f"{folder}: DICOM series lacks {', '.join(missing)} needed for a Segmentation{some}")
     if any(int(h.get("NumberOfFrames", 1) or 1) > 1 for h in headers):
         raise DatalistError(f"{folder}: multi-frame DICOM images are not supported for DICOM-SEG output")
-    check_dicom_series(folder)  # one series, one orientation and pixel spacing, slices on a regular grid
+    check_dicom_series(
+        folder, headers=headers
+    )  # one series, one orientation and pixel spacing, slices on a regular grid
     normal = _directions(headers[0])[2]
     headers.sort(key=lambda h: float(np.dot(normal, np.asarray(h.ImagePositionPatient, dtype=float))))
     if any((h.Rows, h.Columns) != (headers[0].Rows, headers[0].Columns) for h in headers):

@@ -46,7 +46,14 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor
 
-from custom.data.datalist import DatalistError, check_dicom_series, dicom_files, exit_on_error, load_classes
+from custom.data.datalist import (
+    DatalistError,
+    check_dicom_series,
+    dicom_files,
+    exit_on_error,
+    load_classes,
+    read_datalist_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -238,18 +245,6 @@ def measure_memory(
 # --------------------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise PlanError(f"{path}: datalist file does not exist")
-    try:
-        content = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PlanError(f"{path}: datalist is not valid JSON ({err})") from err
-    if not isinstance(content, dict):
-        raise PlanError(f"{path}: datalist must be a JSON object with a 'training' list")
-    return content
-
-
 def _entries(path: Path, content: dict, key: str, require_label: bool) -> list[dict]:
     """The ``key`` list with paths resolved against the datalist's folder (files or DICOM series folders)."""
     entries = content.get(key) or []
@@ -392,7 +387,7 @@ def fingerprint_datalist(
     axcodes = axcodes or ("RA" if spatial_dims == 2 else "RAS")
     if len(axcodes) != spatial_dims:
         raise PlanError(f"{path}: axcodes {axcodes!r} has {len(axcodes)} letters, but spatial_dims is {spatial_dims}")
-    content = _read_json(path)
+    content = read_datalist_json(path)
     if not isinstance(content.get("training"), list) or not content["training"]:
         raise PlanError(f"{path}: no labelled images to fingerprint (the 'training' list is missing or empty)")
     labelled = _entries(path, content, "training", require_label=True)
