@@ -68,6 +68,13 @@ def rank_cases(
     return ranking
 
 
+def specialized_checkpoint(ckpt_dir: str | Path) -> Path:
+    """Where the specialized teacher is read from: stage 2's training state ``stage2_last.pt`` (its EMA
+    teacher) when the run left one, else the best student ``model.pt`` (all a shipped bundle carries)."""
+    last = Path(ckpt_dir) / "stage2_last.pt"
+    return last if last.is_file() else Path(ckpt_dir) / "model.pt"
+
+
 def load_specialized(network: torch.nn.Module, checkpoint: str | Path) -> torch.nn.Module:
     """The specialized (EMA) teacher from stage 2's ``stage2_last.pt`` (key ``ema``), else the student
     weights of a plain state dict (``model.pt``)."""

@@ -48,3 +48,12 @@ def test_rank_run_writes_every_unlabelled_case_most_uncertain_first(tmp_path):
     assert len(cases) == len(datalist["unlabeled"]) == 2
     assert [c["rank"] for c in cases] == [1, 2] and cases[0]["score"] >= cases[1]["score"]
     assert all(c["image"].endswith(".nii.gz") for c in cases)
+
+
+def test_the_specialized_teacher_falls_back_to_the_best_student(tmp_path):
+    """A shipped bundle carries model.pt only: ranking scores with it; stage 2's state wins when present."""
+    from custom.active_learning import specialized_checkpoint
+
+    assert specialized_checkpoint(tmp_path) == tmp_path / "model.pt"
+    (tmp_path / "stage2_last.pt").write_bytes(b"state")
+    assert specialized_checkpoint(tmp_path) == tmp_path / "stage2_last.pt"
