@@ -19,7 +19,7 @@ from monai.data import Dataset
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from custom.active_learning import load_specialized, rank_cases
+from custom.active_learning import load_specialized, rank_cases, specialized_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,7 @@ class UnCoLUncertainty(Strategy):
             parser = ConfigParser()
             parser.read_config([str(configs / "train.json"), str(configs / "active_learning.json")])
             parser.update({"bundle_root": str(self.bundle_dir), "device": f"$torch.device('{self.device}')"})
-            models = self.bundle_dir / "models"
-            checkpoint = models / "stage2_last.pt" if (models / "stage2_last.pt").is_file() else models / "model.pt"
+            checkpoint = specialized_checkpoint(self.bundle_dir / "models")
             specialized = load_specialized(parser.get_parsed_content("network"), checkpoint)
             self._parts = (
                 specialized,
