@@ -178,6 +178,18 @@ def check_pair(
             )
 
 
+def datalist_entry(path: Path, key: str, index: int, entry: object, require_label: bool) -> dict:
+    """Entry ``index`` of the datalist's ``key`` list as a dict with an ``image`` path (a bare string is
+    one), and a ``label`` path when ``require_label``; else :class:`DatalistError` naming the entry."""
+    if isinstance(entry, str):
+        entry = {"image": entry}
+    if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+        raise DatalistError(f"{path}: entry {index} of '{key}' has no 'image' path: {entry!r}")
+    if require_label and not isinstance(entry.get("label"), str):
+        raise DatalistError(f"{path}: entry {index} of '{key}' ({entry['image']}) has no 'label' path")
+    return entry
+
+
 def read_datalist_json(path: str | Path, key: str = "training") -> dict:
     """The datalist file's JSON object; a missing file, invalid JSON or another JSON value raises
     :class:`DatalistError` naming the file (``key``: the list the caller expects, for the message)."""
@@ -225,12 +237,7 @@ def load_datalist(
         raise DatalistError(f"{path}: '{key}' must be a non-empty list")
     seen: set[str] = set()
     for i, entry in enumerate(entries):
-        if isinstance(entry, str):
-            entry = {"image": entry}
-        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
-            raise DatalistError(f"{path}: entry {i} of '{key}' has no 'image' path: {entry!r}")
-        if require_label and not isinstance(entry.get("label"), str):
-            raise DatalistError(f"{path}: entry {i} of '{key}' ({entry['image']}) has no 'label' path")
+        entry = datalist_entry(path, key, i, entry, require_label)
         if entry["image"] in seen:
             raise DatalistError(f"{path}: '{key}' lists {entry['image']} more than once")
         seen.add(entry["image"])

@@ -49,6 +49,7 @@ from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tenso
 from custom.data.datalist import (
     DatalistError,
     check_dicom_series,
+    datalist_entry,
     dicom_files,
     exit_on_error,
     load_classes,
@@ -252,12 +253,7 @@ def _entries(path: Path, content: dict, key: str, require_label: bool) -> list[d
         raise PlanError(f"{path}: '{key}' must be a list")
     items = []
     for i, entry in enumerate(entries):
-        if isinstance(entry, str):
-            entry = {"image": entry}
-        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
-            raise PlanError(f"{path}: entry {i} of '{key}' has no 'image' path: {entry!r}")
-        if require_label and not isinstance(entry.get("label"), str):
-            raise PlanError(f"{path}: entry {i} of '{key}' ({entry['image']}) has no 'label' path")
+        entry = datalist_entry(path, key, i, entry, require_label)
         item = {}
         for role in ("image", "label") if require_label else ("image",):
             resolved = path.parent / entry[role]  # an absolute path stays as it is
