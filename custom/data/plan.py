@@ -63,7 +63,9 @@ FINGERPRINT_VERSION = 1
 #: the student's token size: every side of a patch is a multiple of it (custom.networks.student.PATCH_SIZE)
 PATCH_MULTIPLE = 16
 DEFAULT_MEMORY_GB = 8.0
-MAX_BATCH = 8
+#: the bundle's batch sizes: the plan lowers them when the budget requires, never raises them (more patches
+#: a step cost time on a CPU and change the optimisation the learning rates and schedules were set for)
+BUNDLE_BATCH = {"batch_size": 2, "unlabelled_batch_size": 2, "pretrain_batch_size": 6}
 #: the stage 2 step the roi is shrunk for: this many labelled and as many unlabelled images
 MIN_BATCH = 2
 #: ratio of the largest to the smallest median spacing above which the data counts as anisotropic
@@ -501,7 +503,7 @@ def fingerprint_datalist(
     if cache is not None:
         cache = Path(cache)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp")
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # ranks of a multi-GPU run write at once
         tmp.write_text(json.dumps(fingerprint, indent=1))
         tmp.replace(cache)
     return fingerprint
@@ -595,8 +597,11 @@ def _normalisation(fingerprint: Mapping, modality: str) -> tuple[dict, str]:
     return norm, "MR-like: z-score per image over its Otsu foreground"
 
 
-def check_normalisation(norm: Mapping) -> dict:
-    """A complete normalisation dict (``kind``, ``clip``, ``mean``, ``std``), or ValueError."""
+def check_normalisation(norm: Mapping | str) -> dict:
+    """A complete normalisation dict (``kind``, ``clip``, ``mean``, ``std``), or ValueError; a kind alone
+    (``"zscore"``) stands for ``{"kind": "zscore"}``."""
+    if isinstance(norm, str):
+        norm = {"kind": norm}
     kind = norm.get("kind")
     if kind not in NORMALISATION_KINDS:
         raise ValueError(f"normalisation kind must be one of {NORMALISATION_KINDS}, got {kind!r}")
@@ -745,7 +750,7 @@ def derive_plan(
     *,
     pixdim: Sequence[float] | None = None,
     roi_size: Sequence[int] | None = None,
-    normalisation: Mapping[str, Any] | None = None,
+    normalisation: Mapping[str, Any] | str | None = None,
     modality: str | None = None,
     batch_size: int | None = None,
     pretrain_batch_size: int | None = None,
@@ -762,7 +767,8 @@ def derive_plan(
       fits that, the largest that fits one labelled and one unlabelled patch.
     - batch sizes: ``n`` patches of ``roi_size`` fit a step (``memory``, default :data:`MEMORY_MODELS`,
       times ``margin`` for what a whole stage 2 step adds to the student's, :data:`STEP_MARGIN`); stage 1
-      takes ``clamp(n, 1, 8)``, stage 2 ``clamp(n // 2, 1, 8)`` labelled and as many unlabelled.
+      takes ``n``, stage 2 ``n // 2`` labelled and as many unlabelled, each at least 1 and at most
+      :data:`BUNDLE_BATCH`'s.
     - normalisation: CT-like data (:func:`modality_hint`) is clipped to the foreground's 0.5 and 99.5
       percentiles and z-scored with the foreground's dataset-wide mean and std (one scale for every scan, as
       Hounsfield units already are); MR-like data is z-scored per image over its Otsu foreground
@@ -819,8 +825,8 @@ def derive_plan(
         )
 
     n = memory.samples_that_fit(roi, budget)
-    derived = {"pretrain_batch_size": min(max(n, 1), MAX_BATCH), "batch_size": min(max(n // 2, 1), MAX_BATCH)}
-    derived["unlabelled_batch_size"] = derived["batch_size"]
+    fit = {"pretrain_batch_size": n, "batch_size": n // 2, "unlabelled_batch_size": n // 2}
+    derived = {name: min(max(fit[name], 1), cap) for name, cap in BUNDLE_BATCH.items()}
     given = {
         "batch_size": batch_size,
         "pretrain_batch_size": pretrain_batch_size,
@@ -833,7 +839,7 @@ def derive_plan(
                 raise ValueError(f"{name} must be at least 1, got {value}")
             overridden.append(name)
         batches[name] = int(value) if value is not None else derived[name]
-    notes["batch_size"] = f"{n} patches fit a step; stage 2 splits them between its two streams"
+    notes["batch_size"] = f"{n} patches fit a step (stage 2 splits them between its two streams); at most the bundle's"
     step = max(
         memory.step_bytes(roi, batches["batch_size"] + batches["unlabelled_batch_size"]),
         memory.step_bytes(roi, batches["pretrain_batch_size"]),
@@ -855,7 +861,7 @@ def derive_plan(
             "Hounsfield-like" if modality == "CT" else "not Hounsfield-like"
         )
     if normalisation is not None:
-        given_norm = dict(normalisation)
+        given_norm = {"kind": normalisation} if isinstance(normalisation, str) else dict(normalisation)
         if given_norm.get("kind") == "clip_zscore" and any(given_norm.get(k) is None for k in ("clip", "mean", "std")):
             planned, _ = _normalisation(fingerprint, "CT")  # constants not given: the dataset's own
             given_norm = {**planned, **{k: v for k, v in given_norm.items() if v is not None}}
@@ -912,8 +918,15 @@ def make_plan(
     return plan
 
 
-#: what configs call: a :class:`PlanError` ends the run with its one line
-bundle_plan = exit_on_error(make_plan)
+@exit_on_error
+def bundle_plan(datalist: str | Path, spatial_dims: int = 2, out: str | Path | None = None, **kwargs: Any) -> Plan:
+    """What training configs call: :func:`make_plan`, logged and written to ``out`` (the run folder); a
+    :class:`PlanError` ends the run with its one line."""
+    plan = make_plan(datalist, spatial_dims, out=out, **kwargs)
+    logger.info("training plan (every value can be given on the command line):\n" + plan.describe())
+    if out is not None:
+        logger.info(f"plan written to {out}")
+    return plan
 
 
 # --------------------------------------------------------------------------------------------------------

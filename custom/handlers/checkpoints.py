@@ -3,6 +3,7 @@ the newest complete state found again on resume."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -14,6 +15,8 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver
+
+from custom.data.plan import Plan, check_normalisation
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +180,13 @@ class TrainingRecord:
         pixdim: voxel size the images are resampled to.
         class_names: foreground class names.
         labelled: the labelled training cases (``image``/``label`` dicts) to fingerprint.
+        normalisation: the intensity normalisation (a plan's ``normalisation``).
+        roi_size: the training patch, inference's sliding window (kept, not compared).
+        plan: the whole training plan (:class:`custom.data.plan.Plan`), kept for evaluation (not compared).
     """
+
+    #: fields saved for later use, not compared: a stage may train with another patch or batch size
+    KEPT_ONLY = ("roi_size", "plan")
 
     def __init__(
         self,
@@ -186,8 +195,14 @@ class TrainingRecord:
         pixdim: Sequence[float] | None = None,
         class_names: Sequence[str] | None = None,
         labelled: list[dict] | None = None,
+        normalisation: Mapping | None = None,
+        roi_size: Sequence[int] | None = None,
+        plan: Plan | Mapping | None = None,
     ) -> None:
         self.network = network
+        self.normalisation = None if normalisation is None else check_normalisation(normalisation)
+        self.roi_size = None if roi_size is None else [int(r) for r in roi_size]
+        self.plan = plan.to_dict() if isinstance(plan, Plan) else plan
         self.axcodes = axcodes
         self.pixdim = pixdim
         self.class_names = class_names
@@ -206,6 +221,9 @@ class TrainingRecord:
             "pixdim": None if self.pixdim is None else [float(p) for p in self.pixdim],
             "class_names": None if self.class_names is None else list(self.class_names),
             "labelled_cases": self._fingerprint,
+            "normalisation": self.normalisation,
+            "roi_size": self.roi_size,
+            "plan": self.plan,
         }
         return {k: v for k, v in record.items() if v is not None}
 
@@ -220,7 +238,7 @@ class TrainingRecord:
             return ["it has no training record (written by another tool or an older version of this bundle)"]
         expected = self.state_dict()
         out = []
-        for key in fields or expected:
+        for key in fields or [k for k in expected if k not in self.KEPT_ONLY]:
             if key in expected and recorded.get(key) != expected[key]:
                 if key == "network":
                     was, now = recorded.get(key) or {}, expected[key]
@@ -259,6 +277,22 @@ def recorded_value(path: str | Path, key: str, default: object = None) -> object
     return record[key]
 
 
+def recorded_plan(path: str | Path, **overrides: object) -> Plan:
+    """The plan a checkpoint was trained with (its record's ``plan``), so evaluation sees the images as
+    training did; ``overrides`` (``None``: not given) replace its fields. A checkpoint without one stops
+    the run with one line."""
+    if not Path(path).is_file():
+        raise SystemExit(f"error: {path}: checkpoint file does not exist")
+    record = read_record(path) or {}
+    if "plan" not in record:
+        raise SystemExit(f"error: {path}: its training record holds no plan (trained by a version before 0.9.0)")
+    plan = Plan.from_dict(record["plan"])
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "normalisation" in given:
+        given["normalisation"] = check_normalisation(given["normalisation"])
+    return dataclasses.replace(plan, **given, overridden=sorted({*plan.overridden, *given}))
+
+
 def student_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The student weights of a bundle checkpoint: ``model`` of a recorded checkpoint, else the file's
     plain state dict."""
@@ -275,7 +309,7 @@ def check_checkpoint_dir(ckpt_dir: str | Path, record: TrainingRecord, same_data
     classes, network, geometry or labelled cases): this run would replace it, or resume or start from
     it. With ``same_data`` False (MONAI Label's own labelled pairs refine the bundle's model on
     purpose) the labelled cases may differ. Returns ``ckpt_dir``."""
-    fields = None if same_data else [f for f in record.state_dict() if f != "labelled_cases"]
+    fields = None if same_data else [f for f in record.state_dict() if f not in ("labelled_cases", *record.KEPT_ONLY)]
     for pattern in BUNDLE_CHECKPOINTS:
         for path in sorted(Path(ckpt_dir).glob(pattern)):
             record.check(

@@ -1,0 +1,217 @@
+"""Plan versus defaults on probe datasets shaped like users' data (issue 36).
+
+Each probe trains stage 1 without distillation (supervised Dice + CE on the labelled cases: what the plan
+changes is how images are read, not the method) twice per (split seed, seed) pair:
+
+- ``plan``: nothing given; the bundle plans pixdim, roi_size, normalisation and batch sizes from the data;
+- ``defaults``: the values the bundle used before it planned (version 0.8.0), given on the command line.
+
+Both are evaluated on the test split with ``evaluate.json`` (the checkpoint's own plan). Probes:
+``colin27`` and ``macaque`` (real MRI slices, 181x217 at 1 mm and 168x206 at 0.5 mm, research/data/
+real_brain.py; the split seed picks the labelled slices), ``ct2d`` (CT-like, binary, 160x120 at 0.75 mm)
+and ``aniso3d`` (0.8x0.8x5 mm, 10 slices) from research/data/probes.py.
+
+    python -m research.bench.plan_probe --probe macaque [--pairs 4] [--report-only]
+
+Runs resume from their JSONs (research/results/plan_probe/<probe>/<arm>_split<S>_seed<K>.json); the table
+goes to research/results.md's ``plan-probes`` section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from research.bench.report import replace_section
+from research.bench.sweep import CONFIGS, EVALUATE, PRETRAIN, ROOT, TRAIN, commit, portable
+
+RESULTS = ROOT / "research" / "results" / "plan_probe"
+WORK = ROOT / "research" / "work" / "plan_probe"
+
+#: the bundle's settings before it planned from the data (train.json / train_3d.json at 0.8.0)
+DEFAULTS = {
+    2: {"pixdim": [1.0, 1.0], "roi_size": [128, 128], "normalisation": "zscore", "pretrain_batch_size": 6},
+    3: {"pixdim": [1.25, 1.25, 2.0], "roi_size": [96, 96, 64], "normalisation": "zscore", "pretrain_batch_size": 6},
+}
+#: pairs are (split seed, seed): split seeds first, so that 4 pairs are 2 labelled subsets x 2 seeds
+PAIR_ORDER = [(0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (2, 1), (0, 2), (1, 2), (2, 2)]
+#: stage 1 budget: 24 epochs of 25 iterations, where full supervision's validation Dice levels off on
+#: macaque and the embedded 2D phantoms (research/results/real/learning_curve_*.json: flat from ~epoch 23).
+#: aniso3d: 8 epochs of batch 2, short of a plateau: the defaults arm pads every volume to 96x96x64 and
+#: takes about 4 s a step on 2 cores
+PROBES = {
+    "colin27": {"task": "colin27", "fraction": 0.1, "spatial_dims": 2, "epochs": 24},
+    "macaque": {"task": "macaque", "fraction": 0.1, "spatial_dims": 2, "epochs": 24},
+    "ct2d": {"data": "ct2d", "labelled": 4, "spatial_dims": 2, "epochs": 24},
+    "aniso3d": {
+        "data": "aniso3d",
+        "labelled": 4,
+        "spatial_dims": 3,
+        "epochs": 8,
+        "bundle": {"pretrain_batch_size": 2},
+    },
+}
+
+
+def datalist_for(probe: str, split_seed: int) -> Path:
+    spec = PROBES[probe]
+    if "task" in spec:
+        from research.data.real_brain import prepare
+
+        return prepare(
+            WORK / probe / "data" / f"split{split_seed}",
+            spec["task"],
+            labelled_fraction=spec["fraction"],
+            seed=split_seed,
+        )
+    from research.data.probes import split_datalist, write_probe
+
+    return split_datalist(write_probe(spec["data"], WORK / probe / "data"), spec["labelled"], split_seed)
+
+
+def arm_overrides(probe: str, arm: str) -> dict:
+    spec = PROBES[probe]
+    given = dict(spec.get("bundle", {}))
+    if arm == "defaults":
+        given = {**DEFAULTS[spec["spatial_dims"]], **given}
+    return given
+
+
+def run_one(probe: str, arm: str, split_seed: int, seed: int) -> dict:
+    from monai.bundle import run
+
+    spec = PROBES[probe]
+    out = RESULTS / probe / f"{arm}_split{split_seed}_seed{seed}.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    datalist = datalist_for(probe, split_seed)
+    root = WORK / probe / "runs" / f"{arm}_split{split_seed}_seed{seed}"
+    shutil.rmtree(root, ignore_errors=True)
+    configs = [TRAIN, *([str(CONFIGS / "train_3d.json")] if spec["spatial_dims"] == 3 else [])]
+    overrides = {
+        "use_embedded_data": False,
+        "datalist": str(datalist),
+        "config_dir": str(CONFIGS),
+        "seed": seed,
+        "pretrain_distillation": "none",
+        "pretrain_epochs": spec["epochs"],
+        "val_interval": 2,
+        **arm_overrides(probe, arm),
+    }
+    start = time.perf_counter()
+    run("pretrain", config_file=[*configs, PRETRAIN], bundle_root=str(root), **overrides)
+    seconds = round(time.perf_counter() - start, 1)
+    ckpt = root / "models" / "pretrain.pt"
+    run("evaluate", config_file=[*configs, EVALUATE], bundle_root=str(root), ckpt_path=str(ckpt), **overrides)
+    report = json.loads((root / "eval" / "report" / "report.json").read_text())
+    plan = json.loads((root / "eval" / "plan.json").read_text())
+    result = {
+        "probe": probe,
+        "arm": arm,
+        "split_seed": split_seed,
+        "seed": seed,
+        "commit": commit(),
+        "seconds": seconds,
+        "overrides": portable(overrides),
+        "plan": {k: plan[k] for k in ("pixdim", "roi_size", "normalisation", "pretrain_batch_size", "overridden")},
+        "fingerprint": {k: plan["fingerprint"][k] for k in ("median_spacing", "median_shape", "num_labelled")},
+        "metrics": report["metrics"],
+        "num_test_cases": report.get("num_cases"),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out)
+    return result
+
+
+def mean_dice(result: dict) -> float:
+    return statistics.fmean(v["mean"] for v in result["metrics"]["test_dice"].values())
+
+
+def paired_t(diffs: list[float]) -> tuple[float, float, float]:
+    """Mean, standard error and two-sided p of a paired t-test on ``diffs``."""
+    from scipy import stats
+
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return mean, math.nan, math.nan
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    p = float(stats.ttest_1samp(diffs, 0.0).pvalue) if se > 0 else (0.0 if mean else 1.0)
+    return mean, se, p
+
+
+def x(values) -> str:
+    return " × ".join(f"{v:g}" for v in values)
+
+
+def table(results_dir: Path = RESULTS) -> str:
+    lines = [
+        "| probe (data) | arm | pixdim | roi_size | normalisation | test Dice per class, mean ± sample std "
+        "over pairs | mean Dice | plan − defaults (± SE) | plan wins | p |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for probe in PROBES:
+        runs = [json.loads(p.read_text()) for p in sorted((results_dir / probe).glob("*.json"))]
+        by_arm = {a: {(r["split_seed"], r["seed"]): r for r in runs if r["arm"] == a} for a in ("plan", "defaults")}
+        pairs = sorted(set(by_arm["plan"]) & set(by_arm["defaults"]))
+        if not pairs:
+            continue
+        diffs = [mean_dice(by_arm["plan"][k]) - mean_dice(by_arm["defaults"][k]) for k in pairs]
+        mean, se, p = paired_t(diffs)
+        wins = sum(d > 0 for d in diffs)
+        fp = by_arm["plan"][pairs[0]]["fingerprint"]
+        data = f"{x(fp['median_shape'])} at {x(fp['median_spacing'])} mm"
+        for arm in ("plan", "defaults"):
+            rs = [by_arm[arm][k] for k in pairs]
+            plan = rs[0]["plan"]
+            classes = list(rs[0]["metrics"]["test_dice"])
+            per_class = ", ".join(
+                f"{c} {statistics.fmean(r['metrics']['test_dice'][c]['mean'] for r in rs):.3f} ± "
+                f"{statistics.stdev([r['metrics']['test_dice'][c]['mean'] for r in rs]) if len(rs) > 1 else 0:.3f}"
+                for c in classes
+            )
+            md = [mean_dice(r) for r in rs]
+            spread = statistics.stdev(md) if len(md) > 1 else 0.0
+            head = f"{probe} ({data}, {len(pairs)} pairs)" if arm == "plan" else ""
+            paired = (f"{mean:+.3f} ± {se:.3f}", f"{wins}/{len(pairs)}", f"{p:.3g}") if arm == "plan" else ("", "", "")
+            lines.append(
+                f"| {head} | {arm} | {x(plan['pixdim'])} | {x(plan['roi_size'])} | {plan['normalisation']['kind']} | "
+                f"{per_class} | {statistics.fmean(md):.3f} ± {spread:.3f} | {' | '.join(paired)} |"
+            )
+    commits = sorted({json.loads(p.read_text())["commit"] for p in results_dir.glob("*/*.json")})
+    lines += [
+        "",
+        f"Stage 1 without distillation, evaluated on each probe's test split; commits {', '.join(commits)}. "
+        'Pairs are (labelled subset, seed). "±" per class and on mean Dice: sample std over pairs; on the '
+        "difference: its standard error; p: two-sided paired t-test. "
+        "Command: `python -m research.bench.plan_probe --probe <probe>`.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--probe", choices=sorted(PROBES), action="append", help="default: every probe")
+    parser.add_argument("--pairs", type=int, default=4, help="(split seed, seed) pairs per arm")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.report_only:
+        for probe in args.probe or list(PROBES):
+            for split_seed, seed in PAIR_ORDER[: args.pairs]:
+                for arm in ("plan", "defaults"):
+                    result = run_one(probe, arm, split_seed, seed)
+                    dice = mean_dice(result)
+                    print(f"{probe} {arm} split {split_seed} seed {seed}: mean Dice {dice:.3f}", flush=True)
+    text = table()
+    print(text)
+    replace_section(ROOT / "research" / "results.md", "plan-probes", text)
+
+
+if __name__ == "__main__":
+    main()
