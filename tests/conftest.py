@@ -96,13 +96,16 @@ def lite_teacher():
 
 def save_student(network, path: Path, class_names: tuple[str, ...] = ("organ", "lesion")) -> Path:
     """Save ``network`` as the bundle saves a student (weights under ``model`` and a training record
-    with the default orientation and spacing of its dims), so inference configs accept it."""
+    with the default orientation and spacing of its dims, and the normalisation the plan gives MR-like
+    data such as the phantoms), so inference configs accept it."""
     import torch
 
     from custom.handlers.checkpoints import TrainingRecord
 
     axcodes, pixdim = ("RA", [1.0, 1.0]) if network.spatial_dims == 2 else ("RAS", [1.25, 1.25, 2.0])
-    record = TrainingRecord(network, axcodes=axcodes, pixdim=pixdim, class_names=class_names).state_dict()
+    record = TrainingRecord(
+        network, axcodes=axcodes, pixdim=pixdim, class_names=class_names, normalisation="zscore_foreground"
+    ).state_dict()
     torch.save({"model": network.state_dict(), "record": record}, path)
     return Path(path)
 

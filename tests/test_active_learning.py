@@ -40,7 +40,9 @@ def test_rank_run_writes_every_unlabelled_case_most_uncertain_first(tmp_path):
         **overrides,
     )  # fmt: skip  (makes the tiny dataset)
     net = UnCoLStudent(spatial_dims=2, **{k.split("#")[1]: v for k, v in TINY_NET.items()})
-    torch.save({"ema": net.state_dict(), "model": net.state_dict()}, tmp_path / "models" / "stage2_last.pt")
+    record = torch.load(tmp_path / "models" / "pretrain.pt", weights_only=True)["record"]  # its plan too
+    state = {"ema": net.state_dict(), "model": net.state_dict(), "record": record}
+    torch.save(state, tmp_path / "models" / "stage2_last.pt")
     run("rank", config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "active_learning.json")], **overrides)
     result = json.loads((tmp_path / "eval" / "active_learning.json").read_text())
     datalist = json.loads((tmp_path / "data" / "phantom2d" / "datalist.json").read_text())

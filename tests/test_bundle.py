@@ -259,11 +259,12 @@ def test_train_config_reads_as_a_zoo_config():
 def test_inference_and_training_build_the_same_network():
     train, infer = ConfigParser.load_config_file(TRAIN), ConfigParser.load_config_file(INFER)
     assert train["network_def"] == infer["network_def"]
-    for key in ("spatial_dims", "roi_size"):
-        assert train[key] == infer[key], key
-    # orientation and spacing come from the checkpoint's record; the defaults stand in only without a file
-    for key in ("axcodes", "pixdim"):
-        assert infer[key]["_target_"].endswith("recorded_value") and infer[key]["default"] == train[key], key
+    assert train["spatial_dims"] == infer["spatial_dims"]
+    # orientation, spacing, patch and normalisation come from the checkpoint's record (training plans all
+    # but the orientation from the data); the defaults stand in only without a file
+    for key in ("axcodes", "pixdim", "roi_size", "normalisation"):
+        assert infer[key]["_target_"].endswith("recorded_value") and infer[key]["key"] == key, key
+    assert infer["axcodes"]["default"] == train["axcodes"]
     # inference takes the number of classes from the checkpoint's training record
     assert infer["num_classes"]["_target_"].endswith("recorded_value")
 

@@ -14,7 +14,17 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from custom.handlers.checkpoints import AtomicCheckpointSaver, latest_checkpoint, numbered_checkpoints, save_atomically
+from custom.data.plan import Plan
+from custom.handlers.checkpoints import (
+    AtomicCheckpointSaver,
+    TrainingRecord,
+    latest_checkpoint,
+    numbered_checkpoints,
+    read_record,
+    recorded_plan,
+    recorded_value,
+    save_atomically,
+)
 
 # A child process that starts writing ``state`` to the path in argv[1] and hangs inside the write,
 # halfway through pickling (after touching argv[1] + ".inside"), until it is killed.
@@ -159,3 +169,70 @@ def test_resume_skips_an_unreadable_newest_state_and_says_which(tmp_path, caplog
 def test_resume_without_any_state_stops_with_the_directory_named(tmp_path):
     with pytest.raises(SystemExit, match=f"{tmp_path}: no training state to resume from"):
         latest_checkpoint(tmp_path)
+
+
+# -- the training record and the plan it keeps ------------------------------------------------------
+
+
+def _plan(**changes) -> Plan:
+    fields = {
+        "spatial_dims": 2,
+        "pixdim": [0.8, 0.8],
+        "axcodes": "RA",
+        "roi_size": [48, 64],
+        "normalisation": {"kind": "zscore_foreground", "clip": None, "mean": None, "std": None},
+        "batch_size": 2,
+        "pretrain_batch_size": 6,
+        "unlabelled_batch_size": 2,
+        "memory_budget_gb": 8.0,
+        "modality": "MR",
+        "class_fractions": {"background": 0.9, "organ": 0.1},
+        "fingerprint": {},
+    }
+    return Plan(**{**fields, **changes})
+
+
+def _record(plan: Plan) -> TrainingRecord:
+    network = torch.nn.Conv2d(1, 2, 1)
+    network.spatial_dims, network.out_channels = 2, 2
+    return TrainingRecord(network, plan.axcodes, plan.pixdim, ["organ"], None, plan.normalisation, plan.roi_size, plan)
+
+
+def test_the_record_keeps_the_plan_and_compares_the_normalisation_not_the_patch(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"record": _record(_plan()).state_dict()}, path)
+    other_patch = _record(_plan(roi_size=[32, 32], batch_size=1))
+    other_patch.check(path)  # a stage may train with another patch or batch size
+    with pytest.raises(
+        SystemExit, match=r"model\.pt: normalisation \{'kind': 'zscore_foreground'.* here \{'kind': 'zscore'"
+    ):
+        _record(_plan(normalisation={"kind": "zscore"})).check(path)
+    assert read_record(path)["plan"]["roi_size"] == [48, 64]
+
+
+def test_recorded_plan_gives_the_checkpoints_plan_with_what_was_given_on_top(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"record": _record(_plan()).state_dict()}, path)
+    plan = recorded_plan(path, roi_size=None, pixdim=None, normalisation=None)
+    assert plan == _plan()
+    given = recorded_plan(path, roi_size=[96, 96], normalisation="zscore")
+    assert given.roi_size == [96, 96] and given.normalisation["kind"] == "zscore" and given.pixdim == [0.8, 0.8]
+    assert given.overridden == ["normalisation", "roi_size"]
+    # a record from before plans: its own geometry, the whole-image z-score, the patch given
+    old = tmp_path / "old.pt"
+    torch.save({"record": {"spatial_dims": 2, "num_classes": 3, "pixdim": [0.5, 0.5], "axcodes": "RA"}}, old)
+    rebuilt = recorded_plan(old, roi_size=[64, 32])
+    assert (rebuilt.pixdim, rebuilt.roi_size, rebuilt.normalisation["kind"]) == ([0.5, 0.5], [64, 32], "zscore")
+    with pytest.raises(SystemExit, match=r"^error: .*old\.pt: its training record holds no plan; give --roi_size"):
+        recorded_plan(old)
+
+
+def test_a_record_from_before_a_field_existed_gets_what_those_checkpoints_were_trained_with(tmp_path):
+    old = tmp_path / "old.pt"
+    torch.save({"record": {"spatial_dims": 2, "num_classes": 3}}, old)
+    assert recorded_value(old, "normalisation", {"kind": "zscore_foreground"}, {"kind": "zscore"}) == {"kind": "zscore"}
+    assert recorded_value(tmp_path / "none.pt", "normalisation", {"kind": "zscore_foreground"}) == {
+        "kind": "zscore_foreground"
+    }
+    with pytest.raises(SystemExit, match=r"old\.pt: no training record with 'pixdim'; give --pixdim"):
+        recorded_value(old, "pixdim", [1.0, 1.0])

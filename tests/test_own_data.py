@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONFIGS, TINY_NET
-from monai.bundle import run
+from monai.bundle import ConfigParser, run
 
 from custom.data.phantoms import OWN_DATA_LABELS as LABELS
 from custom.data.phantoms import write_own_data_example as write_dataset
@@ -51,7 +51,8 @@ def _bundle_run(cwd: Path, run_id: str, configs: list[str], **overrides) -> subp
 @pytest.fixture(scope="module")
 def own2d(tmp_path_factory) -> SimpleNamespace:
     """Stage 2 (stage 1 run implicitly) on 40x56 and 48x36 images of 0.8 mm pixels with 4 classes, from
-    another folder, trained at their own spacing, each stage shorter than the validation interval."""
+    another folder, each stage shorter than the validation interval; pixdim and normalisation planned
+    from the data (its own spacing), the patch given."""
     work = tmp_path_factory.mktemp("own2d")
     write_dataset(work / "data", [(40, 56), (48, 36)], (0.8, 0.8), TINY_COUNTS)
     settings = {
@@ -61,7 +62,6 @@ def own2d(tmp_path_factory) -> SimpleNamespace:
         "output_dir": "runs/eval",
         "teacher_cache_dir": "runs/cache",
         "roi_size": [32, 32],
-        "pixdim": [0.8, 0.8],
         **TINY_RUN,
         "val_interval": 3,  # 2 epochs a stage: each must still validate once and save its checkpoint
     }
@@ -76,22 +76,33 @@ def test_own_2d_data_trains_both_stages_with_its_classes_and_folders(own2d):
         record = torch.load(models / name, map_location="cpu", weights_only=True)["record"]
         assert record["num_classes"] == 4 and record["class_names"] == list(LABELS.values())[1:], name
         assert record["labelled_cases"].startswith("4 cases") and record["spatial_dims"] == 2
-        assert record["pixdim"] == [0.8, 0.8], name
-    assert (own2d.work / "runs" / "eval").is_dir()
+        assert record["pixdim"] == [0.8, 0.8], name  # planned: the data's own spacing
+        assert record["roi_size"] == [32, 32] and record["normalisation"]["kind"] == "zscore_foreground", name
+        assert record["plan"]["overridden"] == ["roi_size", "batch_size", "pretrain_batch_size"], name
+    # both stages from the same plan, written to the run folder with the fingerprint it came from
+    plan = json.loads((own2d.work / "runs" / "eval" / "plan.json").read_text())
+    assert plan == record["plan"] and plan["fingerprint"]["median_spacing"] == [0.8, 0.8]
+    assert (own2d.work / "runs" / "eval" / "fingerprint.json").is_file()
+    assert "training plan (every value can be given on the command line)" in own2d.log
 
 
 def test_own_2d_inference_and_evaluation(own2d, monkeypatch):
-    """Inference and evaluation take the spacing the checkpoint was trained at from its record (no
-    --pixdim given), and refuse another one."""
+    """Inference and evaluation take the spacing, patch and normalisation the checkpoint was trained
+    with from its record (no --pixdim or --roi_size given), and refuse another spacing."""
     work = own2d.work
     _bundle_run(work, "inference", [INFER], ckpt_path="runs/models/model.pt", input_dir="data/images",
-                output_dir="runs/seg", roi_size=[32, 32], **TINY_NET)  # fmt: skip
+                output_dir="runs/seg", **TINY_NET)  # fmt: skip
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    parser.update({"ckpt_path": str(work / "runs" / "models" / "model.pt")})
+    assert list(parser.get_parsed_content("inferer").roi_size) == [32, 32]  # not the config's 128 x 128
+    assert parser.get_parsed_content("normalisation")["kind"] == "zscore_foreground"
     for image in sorted((work / "data" / "images").glob("*.nii.gz")):
         source = nib.load(image)
         seg = nib.load(work / "runs" / "seg" / image.name.replace(".nii.gz", "_seg.nii.gz"))
         assert seg.shape == source.shape and np.allclose(seg.affine, source.affine)
         assert set(np.unique(np.asanyarray(seg.dataobj))) <= {0, 1, 2, 3}
-    settings = {k: v for k, v in own2d.settings.items() if k in ("use_embedded_data", "datalist", "roi_size")}
+    settings = {k: v for k, v in own2d.settings.items() if k in ("use_embedded_data", "datalist")}
     _in_process(work, monkeypatch, "evaluate", [TRAIN, EVALUATE], ckpt_path="runs/models/model.pt",
                 report_dir="runs/report", output_dir="runs/eval", **settings, **TINY_NET)  # fmt: skip
     report = json.loads((work / "runs" / "report" / "report.json").read_text())

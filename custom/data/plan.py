@@ -334,11 +334,10 @@ def _file_stamps(items: list[dict]) -> list[list]:
     return stamps
 
 
-def fingerprint_key(datalist: str | Path, items: list[dict], params: Mapping[str, Any]) -> str:
-    """Cache key of a fingerprint: the datalist's bytes, the fingerprint's parameters, and the size and
-    modification time of every file it reads."""
-    h = hashlib.sha256(Path(datalist).read_bytes())
-    h.update(json.dumps({"params": dict(params), "files": _file_stamps(items)}, sort_keys=True).encode())
+def fingerprint_key(items: list[dict], params: Mapping[str, Any]) -> str:
+    """Cache key of a fingerprint: the fingerprint's parameters, and the path, role, size and modification
+    time of every file it reads."""
+    h = hashlib.sha256(json.dumps({"params": dict(params), "files": _file_stamps(items)}, sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -380,26 +379,51 @@ def fingerprint_datalist(
     :class:`PlanError`.
     """
     path = Path(datalist)
+    content = read_datalist_json(path)
+    if not isinstance(content.get("training"), list) or not content["training"]:
+        raise PlanError(f"{path}: no labelled images to fingerprint (the 'training' list is missing or empty)")
+    labelled = _entries(path, content, "training", require_label=True)
+    unlabelled = _entries(path, content, unlabelled_key, require_label=False)
+    classes = None
+    try:
+        classes = load_classes(path, required=False)
+    except DatalistError:
+        pass  # the bundle's own class check names this problem; the fingerprint counts the values it finds
+    return fingerprint_items(labelled, unlabelled, path, spatial_dims, axcodes, cache, max_unlabelled, classes)
+
+
+def fingerprint_items(
+    labelled: Sequence[Mapping],
+    unlabelled: Sequence[Mapping],
+    source: str | Path,
+    spatial_dims: int = 2,
+    axcodes: str | None = None,
+    cache: str | Path | None = None,
+    max_unlabelled: int = MAX_UNLABELLED,
+    classes: Sequence[str] | None = None,
+) -> dict:
+    """:func:`fingerprint_datalist` of the ``image``/``label`` items a run trains on (``source`` names
+    them in messages: the datalist, or whoever handed the items over, as MONAI Label does)."""
+    path = source
     if spatial_dims not in (2, 3):
         raise PlanError(f"{path}: spatial_dims must be 2 or 3, got {spatial_dims}")
     axcodes = axcodes or ("RA" if spatial_dims == 2 else "RAS")
     if len(axcodes) != spatial_dims:
         raise PlanError(f"{path}: axcodes {axcodes!r} has {len(axcodes)} letters, but spatial_dims is {spatial_dims}")
-    content = read_datalist_json(path)
-    if not isinstance(content.get("training"), list) or not content["training"]:
-        raise PlanError(f"{path}: no labelled images to fingerprint (the 'training' list is missing or empty)")
-    labelled = _entries(path, content, "training", require_label=True)
-    unlabelled_all = _entries(path, content, unlabelled_key, require_label=False)
+    if not labelled:
+        raise PlanError(f"{path}: no labelled images to fingerprint")
+    labelled = [{"image": str(item["image"]), "label": str(item["label"])} for item in labelled]
+    unlabelled_all = [{"image": str(item["image"])} for item in unlabelled]
     unlabelled = _sample_evenly(unlabelled_all, max_unlabelled)
     params = {
         "version": FINGERPRINT_VERSION,
         "spatial_dims": spatial_dims,
         "axcodes": axcodes,
-        "unlabelled_key": unlabelled_key,
         "max_unlabelled": max_unlabelled,
         "samples_per_image": SAMPLES_PER_IMAGE,
+        "classes": list(classes or []),
     }
-    key = fingerprint_key(path, labelled + unlabelled, params)
+    key = fingerprint_key(labelled + unlabelled, params)
     if cache is not None and Path(cache).is_file():
         try:
             cached = json.loads(Path(cache).read_text())
@@ -409,11 +433,6 @@ def fingerprint_datalist(
         except (OSError, ValueError, AttributeError) as err:
             logger.warning(f"{cache}: unreadable fingerprint cache ({err}); computing it again")
 
-    classes = None
-    try:
-        classes = load_classes(path, required=False)
-    except DatalistError:
-        pass  # the bundle's own class check names this problem; the fingerprint counts the values it finds
     cases, skipped = [], []
     fg_samples, all_samples = [], []
     class_voxels = np.zeros(len(classes) if classes else 0, dtype=np.int64)
@@ -898,12 +917,23 @@ def make_plan(
     unlabelled_key: str = "unlabeled",
     max_unlabelled: int = MAX_UNLABELLED,
     out: str | Path | None = None,
+    labelled: Sequence[Mapping] | None = None,
+    unlabelled: Sequence[Mapping] = (),
+    class_names: Sequence[str] | None = None,
     **overrides: Any,
 ) -> Plan:
     """Fingerprint ``datalist`` (cached in ``cache``) and derive its plan; ``overrides`` are
     :func:`derive_plan`'s keywords (``None`` values count as not given). ``out``: also write the plan
-    there as JSON. An invalid override is reported as :class:`PlanError` naming the datalist."""
-    fingerprint = fingerprint_datalist(datalist, spatial_dims, axcodes, cache, unlabelled_key, max_unlabelled)
+    there as JSON. With ``labelled`` given, those items (and ``unlabelled``) are fingerprinted instead
+    of the datalist's lists: what the run trains on, whoever listed it (``class_names``: the foreground
+    classes, to name the class fractions). An invalid override is reported as
+    :class:`PlanError` naming the datalist."""
+    if labelled is not None:
+        classes = None if class_names is None else ["background", *class_names]
+        items = (labelled, unlabelled, datalist, spatial_dims, axcodes, cache, max_unlabelled, classes)
+        fingerprint = fingerprint_items(*items)
+    else:
+        fingerprint = fingerprint_datalist(datalist, spatial_dims, axcodes, cache, unlabelled_key, max_unlabelled)
     try:
         plan = derive_plan(
             fingerprint, spatial_dims, memory_budget_gb, **{k: v for k, v in overrides.items() if v is not None}

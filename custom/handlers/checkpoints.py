@@ -16,7 +16,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver
 
-from custom.data.plan import Plan, check_normalisation
+from custom.data.plan import BUNDLE_BATCH, DEFAULT_MEMORY_GB, Plan, check_normalisation
 
 logger = logging.getLogger(__name__)
 
@@ -265,32 +265,54 @@ def read_record(path: str | Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def recorded_value(path: str | Path, key: str, default: object = None) -> object:
+def recorded_value(path: str | Path, key: str, default: object = None, missing: object = None) -> object:
     """One field of a checkpoint's training record, so inference takes e.g. the number of classes from
     the model it runs. ``default`` stands in while there is no checkpoint file yet (model-zoo tools
-    build the network from the config alone); a checkpoint without the field stops the run."""
+    build the network from the config alone); ``missing`` for a record written before the field was
+    (what those checkpoints were trained with); otherwise a checkpoint without the field stops the run."""
     if not Path(path).is_file() and default is not None:
         return default
     record = read_record(path) if Path(path).is_file() else None
+    if record is not None and key not in record and missing is not None:
+        return missing
     if record is None or key not in record:
         raise SystemExit(f"error: {path}: no training record with '{key}'; give --{key} on the command line")
     return record[key]
 
 
 def recorded_plan(path: str | Path, **overrides: object) -> Plan:
-    """The plan a checkpoint was trained with (its record's ``plan``), so evaluation sees the images as
-    training did; ``overrides`` (``None``: not given) replace its fields. A checkpoint without one stops
-    the run with one line."""
+    """The plan a checkpoint was trained with (its record's ``plan``), so evaluation and ranking see the
+    images as training did; ``overrides`` (``None``: not given) replace its fields. A record from before
+    plans were recorded gives one rebuilt from its spacing, orientation and normalisation (the
+    whole-image z-score, if it names none), with ``roi_size`` given; else the run stops with one line."""
     if not Path(path).is_file():
         raise SystemExit(f"error: {path}: checkpoint file does not exist")
     record = read_record(path) or {}
-    if "plan" not in record:
-        raise SystemExit(f"error: {path}: its training record holds no plan (trained by a version before 0.9.0)")
-    plan = Plan.from_dict(record["plan"])
     given = {k: v for k, v in overrides.items() if v is not None}
     if "normalisation" in given:
         given["normalisation"] = check_normalisation(given["normalisation"])
-    return dataclasses.replace(plan, **given, overridden=sorted({*plan.overridden, *given}))
+    if "plan" in record:
+        plan = Plan.from_dict(record["plan"])
+        return dataclasses.replace(plan, **given, overridden=sorted({*plan.overridden, *given}))
+    roi_size = given.get("roi_size", record.get("roi_size"))
+    if roi_size is None or any(k not in record for k in ("spatial_dims", "pixdim", "axcodes")):
+        raise SystemExit(
+            f"error: {path}: its training record holds no plan; give --roi_size (and retrain to record one)"
+        )
+    fields = {
+        "spatial_dims": record["spatial_dims"],
+        "pixdim": record["pixdim"],
+        "axcodes": record["axcodes"],
+        "roi_size": roi_size,
+        "normalisation": check_normalisation(record.get("normalisation", "zscore")),
+        **BUNDLE_BATCH,
+        "memory_budget_gb": DEFAULT_MEMORY_GB,
+        "modality": "unknown",
+        "class_fractions": {},
+        "fingerprint": {},
+        "notes": {"source": f"rebuilt from the training record of {path}, which holds no plan"},
+    }
+    return Plan(**{**fields, **given, "overridden": sorted(given)})
 
 
 def student_state(path: str | Path) -> dict[str, torch.Tensor]:

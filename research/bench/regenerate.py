@@ -7,7 +7,8 @@ Each section comes from the script that measures it (its ``--report-only`` path 
 ``sweep-<setting>`` from ``research/results/runs/<setting>/`` (sweep.py), ``gate-audit-<setting>`` from
 ``gate_audit_<setting>.json`` (gate_audit.py), the learning-curve, zero-shot and split sections from
 ``real/`` (real_report.py), ``component-audit`` (component_audit.py), ``patch-memory`` (patch_memory.py),
-``fresh-clone`` (fresh_clone.py) and ``uncol-summary`` (summary.py, which also writes README.md's copy).
+``fresh-clone`` (fresh_clone.py), ``plan-probes`` (plan_probe.py) and ``uncol-summary`` (summary.py, which
+also writes README.md's copy).
 No training runs. research/tests/test_generated.py rebuilds the pages this way and fails on any
 difference, and on any marked section no generator writes.
 """
@@ -20,7 +21,16 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from research.bench import component_audit, fresh_clone, gate_audit, patch_memory, real_report, summary, sweep
+from research.bench import (
+    component_audit,
+    fresh_clone,
+    gate_audit,
+    patch_memory,
+    plan_probe,
+    real_report,
+    summary,
+    sweep,
+)
 from research.bench.report import replace_section
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,6 +52,8 @@ def results_sections(results: Path = RESULTS) -> dict[str, Callable[[], str]]:
     sections["component-audit"] = lambda: component_audit.section_text(results / "component_audit")
     sections["patch-memory"] = lambda: patch_memory.section_text(results)
     sections["fresh-clone"] = lambda: fresh_clone.section_text(json.loads((results / "fresh_clone.json").read_text()))
+    if (results / "plan_probe").is_dir():
+        sections["plan-probes"] = lambda: plan_probe.table(results / "plan_probe")
     if (results / "diagnostics_2d.json").is_file():  # none is committed now (its run was from uncommitted code)
         from research.bench import diagnostics
 

@@ -200,7 +200,7 @@ def warm_teacher_cache(setting: str, overrides: dict) -> None:
         parser.get_parsed_content("teacher_def"),
         parser.get_parsed_content("train#unlabelled_datalist"),
         Compose(parser.get_parsed_content("train#unlabelled_deterministic")),
-        parser.get_parsed_content("roi_size"),
+        parser.get_parsed_content("plan").roi_size,
         whole_slices=parser.get_parsed_content("teacher_whole_slices"),
     )
     warm_up(None)

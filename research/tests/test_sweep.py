@@ -136,6 +136,7 @@ def test_each_sweep_budget_is_past_its_full_supervision_plateau():
     """The budget rule: every method sees at least as many labelled samples (stage 1's batches, then
     stage 2's labelled batches) as full supervision needed, in the setting's committed learning curve,
     to reach the point from which its validation Dice is flat on every class."""
+    from custom.data.plan import BUNDLE_BATCH
     from research.bench.learning_curve import TASK_SETTINGS
     from research.bench.real_report import plateau_epoch
     from research.bench.sweep import SETTINGS
@@ -145,8 +146,11 @@ def test_each_sweep_budget_is_past_its_full_supervision_plateau():
 
     def samples(setting: str) -> int:
         spec = SETTINGS[setting]
-        stage1 = spec["bundle"].get("pretrain_batch_size", train["pretrain_batch_size"])
-        stage2 = spec["bundle"].get("batch_size", train["batch_size"])
+        # train.json leaves the batch sizes to the plan, which keeps the bundle's on these small images
+        stage1 = spec["bundle"].get(
+            "pretrain_batch_size", train["pretrain_batch_size"] or BUNDLE_BATCH["pretrain_batch_size"]
+        )
+        stage2 = spec["bundle"].get("batch_size", train["batch_size"] or BUNDLE_BATCH["batch_size"])
         return spec["epochs"] * 25 * (stage1 + stage2)
 
     def needed(curve: str) -> int:
