@@ -236,3 +236,13 @@ def test_classes_come_from_the_labels_and_a_default_stands_in_until_the_datalist
         load_classes(missing)
     # once the datalist exists, its labels decide, whatever the default says
     assert load_classes(tiny_dataset, default=["background", "x"]) == ["background", "organ", "lesion"]
+
+
+def test_a_dicom_series_given_to_the_2d_bundle_stops_in_one_line_even_with_one_slice(tmp_path):
+    from conftest import write_dicom_series
+
+    from custom.data.datalist import find_images
+
+    write_dicom_series(tmp_path / "one", np.zeros((1, 24, 32), np.int16))
+    with pytest.raises(DatalistError, match=r"one: image is a DICOM series \(1 slice\(s\)\).*inference_3d\.json"):
+        find_images(tmp_path / "one", spatial_dims=2)

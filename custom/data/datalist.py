@@ -128,6 +128,12 @@ def _read_checked(path: str, role: str, spatial_dims: int | None = None) -> tupl
         raise DatalistError(f"{path}: {role} is empty (shape {data.shape})")
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         raise DatalistError(f"{path}: {role} contains NaN or Inf values")
+    if spatial_dims == 2 and Path(path).is_dir():
+        # a series is a volume to MONAI's readers, even of one slice: the 2D transforms cannot orient it
+        raise DatalistError(
+            f"{path}: {role} is a DICOM series ({data.shape[-1] if data.ndim == 3 else 1} slice(s)); the 2D configs "
+            "take 2D image files: segment a series with the 3D configs (inference_3d.json)"
+        )
     if spatial_dims is not None:
         data = _single_channel(data, spatial_dims, path, role)
     return data, affine
