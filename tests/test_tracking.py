@@ -75,6 +75,8 @@ def test_pretrain_training_and_evaluation_are_tracked_in_mlflow(mlflow_server, t
     # every setting the run used, none listed by hand: overrides, defaults, evaluated expressions
     assert params["max_epochs"] == "2" and params["threshold_ramped"] == "True" and params["ramp_iters"] == "1"
     assert params["datalist"].endswith("datalist.json") and params["roi_size"] == "[32, 32]"
+    # the plan's values, given (roi_size) or derived from the data (pixdim, normalisation), and its file
+    assert params["pixdim"] == "[1.0, 1.0]" and "zscore_foreground" in params["normalisation"]
     assert "pretrain_epochs" not in params  # stage 2 does not use it (stage 1 had run already)
     metrics = set(stage2.data.metrics)
     assert {"loss_sup", "loss_pseudo", "gate_kept", "gate_from_generalized", "gate_entropy_threshold"} <= metrics
@@ -83,7 +85,7 @@ def test_pretrain_training_and_evaluation_are_tracked_in_mlflow(mlflow_server, t
     iterations = 2 * 2  # max_epochs x iterations_per_epoch of the tiny run
     assert len(client.get_metric_history(stage2.info.run_id, "gate_kept")) == iterations
     artifacts = {a.path for a in client.list_artifacts(stage2.info.run_id)}
-    assert "model.pt" in artifacts and any(a.startswith("config_") for a in artifacts)
+    assert {"model.pt", "plan.json"} <= artifacts and any(a.startswith("config_") for a in artifacts)
 
     assert evaluation.data.params["split"] == "test" and evaluation.data.params["ckpt_path"].endswith("model.pt")
     assert {"test_dice", "test_hd95"} <= set(evaluation.data.metrics)

@@ -734,6 +734,7 @@ class Plan:
             "batch_size": self.batch_size,
             "unlabelled_batch_size": self.unlabelled_batch_size,
             "pretrain_batch_size": self.pretrain_batch_size,
+            "normalisation": self.normalisation,
         }
 
 
