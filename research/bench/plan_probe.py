@@ -74,12 +74,22 @@ def datalist_for(probe: str, split_seed: int) -> Path:
     return split_datalist(write_probe(spec["data"], WORK / probe / "data"), spec["labelled"], split_seed)
 
 
+#: the arms: what each gives on the command line (of the old defaults), the rest planned. ``plan`` and
+#: ``defaults`` are the comparison; the two ablations each take one old setting back into the plan, to
+#: say which part of the plan a difference comes from
+ARMS = {
+    "plan": (),
+    "defaults": ("pixdim", "roi_size", "normalisation", "pretrain_batch_size"),
+    "plan_old_spacing": ("pixdim",),
+    "plan_old_normalisation": ("normalisation",),
+}
+DEFAULT_ARMS = ("plan", "defaults")
+
+
 def arm_overrides(probe: str, arm: str) -> dict:
     spec = PROBES[probe]
-    given = dict(spec.get("bundle", {}))
-    if arm == "defaults":
-        given = {**DEFAULTS[spec["spatial_dims"]], **given}
-    return given
+    old = DEFAULTS[spec["spatial_dims"]]
+    return {**{k: old[k] for k in ARMS[arm]}, **spec.get("bundle", {})}
 
 
 def run_one(probe: str, arm: str, split_seed: int, seed: int) -> dict:
@@ -152,22 +162,29 @@ def x(values) -> str:
 
 def table(results_dir: Path = RESULTS) -> str:
     lines = [
-        "| probe (data) | arm | pixdim | roi_size | normalisation | test Dice per class, mean ± sample std "
-        "over pairs | mean Dice | plan − defaults (± SE) | plan wins | p |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| probe (data) | arm | pairs | pixdim | roi_size | normalisation | test Dice per class, mean ± sample std "
+        "over pairs | mean Dice | arm − defaults (± SE) | arm higher on | p |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for probe in PROBES:
         runs = [json.loads(p.read_text()) for p in sorted((results_dir / probe).glob("*.json"))]
-        by_arm = {a: {(r["split_seed"], r["seed"]): r for r in runs if r["arm"] == a} for a in ("plan", "defaults")}
-        pairs = sorted(set(by_arm["plan"]) & set(by_arm["defaults"]))
-        if not pairs:
+        by_arm = {a: {(r["split_seed"], r["seed"]): r for r in runs if r["arm"] == a} for a in ARMS}
+        if not set(by_arm["plan"]) & set(by_arm["defaults"]):
             continue
-        diffs = [mean_dice(by_arm["plan"][k]) - mean_dice(by_arm["defaults"][k]) for k in pairs]
-        mean, se, p = paired_t(diffs)
-        wins = sum(d > 0 for d in diffs)
-        fp = by_arm["plan"][pairs[0]]["fingerprint"]
-        data = f"{x(fp['median_shape'])} at {x(fp['median_spacing'])} mm"
-        for arm in ("plan", "defaults"):
+        first = True
+        for arm in [a for a in ARMS if a != "defaults"] + ["defaults"]:
+            pairs = sorted(set(by_arm[arm]) & set(by_arm["defaults"]))
+            if not pairs:
+                continue
+            paired = ("", "", "")
+            if arm != "defaults":
+                diffs = [mean_dice(by_arm[arm][k]) - mean_dice(by_arm["defaults"][k]) for k in pairs]
+                mean, se, p = paired_t(diffs)
+                paired = (f"{mean:+.3f} ± {se:.3f}", f"{sum(d > 0 for d in diffs)} of {len(pairs)}", f"{p:.3g}")
+            else:
+                pairs = sorted(by_arm["defaults"])
+            fp = by_arm[arm][pairs[0]]["fingerprint"]
+            data = f"{x(fp['median_shape'])} at {x(fp['median_spacing'])} mm"
             rs = [by_arm[arm][k] for k in pairs]
             plan = rs[0]["plan"]
             classes = list(rs[0]["metrics"]["test_dice"])
@@ -178,18 +195,21 @@ def table(results_dir: Path = RESULTS) -> str:
             )
             md = [mean_dice(r) for r in rs]
             spread = statistics.stdev(md) if len(md) > 1 else 0.0
-            head = f"{probe} ({data}, {len(pairs)} pairs)" if arm == "plan" else ""
-            paired = (f"{mean:+.3f} ± {se:.3f}", f"{wins}/{len(pairs)}", f"{p:.3g}") if arm == "plan" else ("", "", "")
+            head = f"{probe} ({data})" if first else ""
+            first = False
             lines.append(
-                f"| {head} | {arm} | {x(plan['pixdim'])} | {x(plan['roi_size'])} | {plan['normalisation']['kind']} | "
-                f"{per_class} | {statistics.fmean(md):.3f} ± {spread:.3f} | {' | '.join(paired)} |"
+                f"| {head} | {arm} | {len(pairs)} | {x(plan['pixdim'])} | {x(plan['roi_size'])} | "
+                f"{plan['normalisation']['kind']} | {per_class} | {statistics.fmean(md):.3f} ± {spread:.3f} | "
+                f"{' | '.join(paired)} |"
             )
     commits = sorted({json.loads(p.read_text())["commit"] for p in results_dir.glob("*/*.json")})
     lines += [
         "",
         f"Stage 1 without distillation, evaluated on each probe's test split; commits {', '.join(commits)}. "
-        'Pairs are (labelled subset, seed). "±" per class and on mean Dice: sample std over pairs; on the '
-        "difference: its standard error; p: two-sided paired t-test. "
+        'Pairs are (labelled subset, seed); each arm is paired with the defaults on the pairs both have. "±" per '
+        "class and on mean Dice: sample std over pairs; on the difference: its standard error; p: two-sided "
+        "paired t-test. `plan_old_spacing` / `plan_old_normalisation`: the plan with the old pixdim / the old "
+        "whole-image z-score. "
         "Command: `python -m research.bench.plan_probe --probe <probe>`.",
     ]
     return "\n".join(lines)
@@ -199,12 +219,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--probe", choices=sorted(PROBES), action="append", help="default: every probe")
     parser.add_argument("--pairs", type=int, default=4, help="(split seed, seed) pairs per arm")
+    parser.add_argument("--arm", choices=sorted(ARMS), action="append", help="default: plan and defaults")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
     if not args.report_only:
         for probe in args.probe or list(PROBES):
             for split_seed, seed in PAIR_ORDER[: args.pairs]:
-                for arm in ("plan", "defaults"):
+                for arm in args.arm or DEFAULT_ARMS:
                     result = run_one(probe, arm, split_seed, seed)
                     dice = mean_dice(result)
                     print(f"{probe} {arm} split {split_seed} seed {seed}: mean Dice {dice:.3f}", flush=True)
