@@ -205,14 +205,16 @@ def _expected_batches(model: MemoryModel, roi, budget_gb: float) -> tuple[int, i
 
 def test_mr_2d_plan_trains_whole_non_square_images_at_their_spacing(mr2d_fingerprint):
     fp = mr2d_fingerprint
-    assert (fp["num_labelled"], fp["num_unlabelled"], fp["skipped"]) == (3, 2, [])
+    assert (fp["num_labelled"], fp["num_unlabelled"], fp["unlabelled_listed"], fp["skipped"]) == (3, 0, 2, [])
+    with_unlabelled = fingerprint_datalist(fp["datalist"], spatial_dims=2, max_unlabelled=16)
+    assert with_unlabelled["num_unlabelled"] == 2 and with_unlabelled["key"] != fp["key"]
     assert {tuple(c["shape"]) for c in fp["cases"]} == {(176, 208), (160, 192)}
     assert all(np.allclose(c["spacing"], [0.9, 0.9]) for c in fp["cases"])
     assert fp["modality"] == "MR"
 
     plan = derive_plan(fp, 2, 8.0)
     assert plan.pixdim == [0.9, 0.9]
-    assert plan.roi_size == [176, 208]  # the median image (3 of 5 are 176 x 208), already multiples of 16
+    assert plan.roi_size == [176, 208]  # the median labelled image (2 of 3), already multiples of 16
     assert plan.normalisation == {"kind": "zscore_foreground", "clip": None, "mean": None, "std": None}
     assert plan.modality == "MR" and plan.axcodes == "RA"
     expected = _expected_batches(MEMORY_MODELS[2], [176, 208], 8.0)
@@ -327,7 +329,7 @@ def test_dicom_series_folder_is_fingerprinted_with_its_header_spacing(tmp_path):
     content = json.loads(root.read_text())
     content["unlabeled"] = [{"image": "series"}]
     root.write_text(json.dumps(content))
-    fp = fingerprint_datalist(root, spatial_dims=3)
+    fp = fingerprint_datalist(root, spatial_dims=3, max_unlabelled=1)
     dicom = [c for c in fp["cases"] if c["label"] is None]
     assert len(dicom) == 1 and dicom[0]["shape"] == [24, 20, 6]
     assert dicom[0]["spacing"] == pytest.approx([0.8, 0.7, 2.5])

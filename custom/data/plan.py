@@ -72,8 +72,10 @@ MIN_BATCH = 2
 ANISOTROPY_RATIO = 3.0
 #: foreground (and whole-image) voxels sampled per image for the dataset-wide percentiles
 SAMPLES_PER_IMAGE = 10_000
-#: unlabelled images fingerprinted at most (evenly spaced through the list)
-MAX_UNLABELLED = 16
+#: unlabelled images fingerprinted by default: none. The plan comes from the labelled training cases (as
+#: nnU-Net's does), so stage 1, stage 2 and ``python -m custom.data.plan`` plan alike whatever unlabelled
+#: list each stage uses; ``max_unlabelled`` > 0 adds that many (evenly spaced through the list)
+MAX_UNLABELLED = 0
 #: A whole stage 2 step holds more than the student's own step that :data:`MEMORY_MODELS` describes (the
 #: EMA teacher's forward pass, pseudo-labels and masks, the strong-augmented copies, the batch itself).
 #: research/results.md ("3D at clinical size") measured a stage 2 step of 2 + 2 patches of 96x96x64 at
