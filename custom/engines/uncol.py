@@ -17,6 +17,7 @@ from ignite.engine import Engine
 from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
+from torch.profiler import record_function
 
 from custom.losses.distillation import SemanticDistillationLoss, VisualDistillationLoss
 from custom.losses.pseudo_label import EntropyGate, GateResult, border_class_counts, nested_parents
@@ -30,15 +31,16 @@ logger = logging.getLogger(__name__)
 
 def _optimise(engine, loss: torch.Tensor, cuda_amp: bool) -> dict:
     """Backward and optimiser step (with AMP's grad scaler on CUDA), firing MONAI's iteration events."""
-    if cuda_amp and getattr(engine, "scaler_", None) is not None:
-        engine.scaler_.scale(loss).backward()
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        engine.scaler_.step(engine.optimizer)
-        engine.scaler_.update()
-    else:
-        loss.backward()
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        engine.optimizer.step()
+    scaler = getattr(engine, "scaler_", None) if cuda_amp else None
+    with record_function("uncol/backward"):
+        (loss if scaler is None else scaler.scale(loss)).backward()
+    engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+    with record_function("uncol/optimiser"):
+        if scaler is None:
+            engine.optimizer.step()
+        else:
+            scaler.step(engine.optimizer)
+            scaler.update()
     engine.state.output[Keys.LOSS] = loss.detach()
     engine.fire_event(IterationEvents.MODEL_COMPLETED)
     return engine.state.output
@@ -189,11 +191,14 @@ class DistillationIteration:
         engine.optimizer.zero_grad(set_to_none=True)
         cuda_amp = engine.amp and images.device.type == "cuda"
         with torch.autocast("cuda") if cuda_amp else nullcontext():
-            feats = engine.network.forward_features(images)
-            output[Keys.PRED] = engine.network.decode(feats)
+            with record_function("uncol/student_forward"):
+                feats = engine.network.forward_features(images)
+                output[Keys.PRED] = engine.network.decode(feats)
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            terms = {"sup": engine.loss_function(output[Keys.PRED], labels), **self.terms(feats, batch, images, labels)}
-            loss = terms["sup"] + self.weighted({k: v for k, v in terms.items() if k != "sup"})
+            with record_function("uncol/losses"):
+                terms = {"sup": engine.loss_function(output[Keys.PRED], labels)}
+                terms.update(self.terms(feats, batch, images, labels))
+                loss = terms["sup"] + self.weighted({k: v for k, v in terms.items() if k != "sup"})
             output[Keys.LOSS] = loss
             output.update({f"loss_{k}": float(v.detach()) for k, v in terms.items()})
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
@@ -420,7 +425,15 @@ class SemiSupervisedIteration:
         coordinates, and its masks are cut to the patch. Without them it sees the patch alone.
         """
         self.specialized.eval()
-        spec = torch.softmax(self.specialized(weak).float() / self.specialized_temperature, 1)
+        with record_function("uncol/specialized_teacher"):
+            spec = torch.softmax(self.specialized(weak).float() / self.specialized_temperature, 1)
+        with record_function("uncol/generalized_teacher"):
+            gen = self._generalized_teacher_probs(weak, spec, context, starts)
+        return spec, gen
+
+    def _generalized_teacher_probs(
+        self, weak: torch.Tensor, spec: torch.Tensor, context: list[torch.Tensor] | None, starts: torch.Tensor | None
+    ) -> torch.Tensor | None:
         gen = None
         if self.generalized is not None:
             # prompts: boxes of the specialized teacher's current prediction (its softmax goes in, so that
@@ -435,7 +448,7 @@ class SemiSupervisedIteration:
                 gen = self.generalized.from_slices(self._generalized_probs(slices, prompts), len(weak)).to(spec)
             else:
                 gen = self._generalized_probs(weak, self.generalized.make_prompts(spec)).to(spec)
-        return spec, gen
+        return gen
 
     def _generalized_in_context(self, spec: torch.Tensor, context: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
         """One patch's generalized-teacher probabilities ``(1, 1 + C, *roi)`` from its context's whole
@@ -525,21 +538,23 @@ class SemiSupervisedIteration:
         context = unlabelled.get(self.context_key) if self.context_key else None
         starts = unlabelled.get(f"{self.context_key}_start") if context is not None else None
         spec, gen = self.teacher_probs(weak, context, starts)
-        self._count_labelled(labels, spec.shape[1])  # this batch counts towards the guard's prior before it is used
-        gated = self.gate(
-            spec if self.gate.teachers != "generalized" else None,
-            gen,
-            level,
-            class_prior=self._class_prior(),
-            prior_probs=spec,
-        )
-        self._count_kept(gated.pseudo_label[gated.mask.bool()], spec.shape[1])
-        nesting = {}
-        if getattr(self.pseudo_loss, "nesting", "none") == "labelled":
-            nesting["parents"] = self.update_nesting(labels, spec.shape[1])
-        strong, pseudo, mask = random_flip_rot90(
-            [strong, gated.pseudo_label.float(), gated.mask], generator=self.generator
-        )
+        with record_function("uncol/gate"):
+            # this batch counts towards the guard's prior before it is used
+            self._count_labelled(labels, spec.shape[1])
+            gated = self.gate(
+                spec if self.gate.teachers != "generalized" else None,
+                gen,
+                level,
+                class_prior=self._class_prior(),
+                prior_probs=spec,
+            )
+            self._count_kept(gated.pseudo_label[gated.mask.bool()], spec.shape[1])
+            nesting = {}
+            if getattr(self.pseudo_loss, "nesting", "none") == "labelled":
+                nesting["parents"] = self.update_nesting(labels, spec.shape[1])
+            strong, pseudo, mask = random_flip_rot90(
+                [strong, gated.pseudo_label.float(), gated.mask], generator=self.generator
+            )
 
         engine.state.output = output = {Keys.IMAGE: images, Keys.LABEL: labels}
         engine.network.train()
@@ -547,17 +562,19 @@ class SemiSupervisedIteration:
         cuda_amp = engine.amp and images.device.type == "cuda"
         with torch.autocast("cuda") if cuda_amp else nullcontext():
             n = len(images)
-            feats = engine.network.forward_features(torch.cat([images, strong]))
-            logits = engine.network.decode(feats)
+            with record_function("uncol/student_forward"):
+                feats = engine.network.forward_features(torch.cat([images, strong]))
+                logits = engine.network.decode(feats)
             output[Keys.PRED] = logits[:n]
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            loss_sup = engine.loss_function(output[Keys.PRED], labels)
-            loss_pseudo = self.pseudo_loss(logits[n:].float(), pseudo.long(), mask, **nesting)
-            loss = loss_sup + unsup_weight * loss_pseudo
-            distill = {}
-            if self.distillation is not None:
-                distill = self.distillation.terms({k: v[:n] for k, v in feats.items()}, labelled, images, labels)
-                loss = loss + self.distillation.weighted(distill)
+            with record_function("uncol/losses"):
+                loss_sup = engine.loss_function(output[Keys.PRED], labels)
+                loss_pseudo = self.pseudo_loss(logits[n:].float(), pseudo.long(), mask, **nesting)
+                loss = loss_sup + unsup_weight * loss_pseudo
+                distill = {}
+                if self.distillation is not None:
+                    distill = self.distillation.terms({k: v[:n] for k, v in feats.items()}, labelled, images, labels)
+                    loss = loss + self.distillation.weighted(distill)
             output[Keys.LOSS] = loss
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
         if self.gate_schedule is not None:
