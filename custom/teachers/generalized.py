@@ -65,6 +65,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.profiler import record_function
 
 from custom.teachers.cache import EncoderCache, fingerprint, image_key
 from custom.teachers.foundation import build_foundation_model, file_sha256
@@ -383,6 +384,10 @@ class GeneralizedTeacher(nn.Module):
     def make_prompts(self, labels: torch.Tensor) -> Prompts:
         """Prompts from ``(B, [1,] H, W)`` class indices or ``(B, K, H, W)`` one-hot maps / class
         probabilities (only probabilities let ``prompt_min_confidence`` filter anything)."""
+        with record_function("teacher/prompts"):
+            return self._make_prompts(labels)
+
+    def _make_prompts(self, labels: torch.Tensor) -> Prompts:
         return prompts_from_labels(
             labels,
             self.num_classes,
@@ -476,13 +481,17 @@ class GeneralizedTeacher(nn.Module):
         self, images: torch.Tensor, prompts: Prompts, with_fusion: bool, with_features: bool = True
     ) -> TeacherOutput:
         size = tuple(images.shape[-2:])
-        enc = self.encode(images, features=with_features)
+        with record_function("teacher/encode"):
+            enc = self.encode(images, features=with_features)
         embedding = enc.pop("embedding")
-        mask_logits, fusion = self.decode_logits(embedding, prompts, size, with_fusion)
+        with record_function("teacher/decode"):
+            mask_logits, fusion = self.decode_logits(embedding, prompts, size, with_fusion)
+        with record_function("teacher/compose"):
+            probs = compose_class_probs(self.tempered(mask_logits), prompts.valid, self.abstain)
         return TeacherOutput(
             features={k: self.crop_to_image(v, size) for k, v in enc.items()},
             embedding=embedding,
-            probs=compose_class_probs(self.tempered(mask_logits), prompts.valid, self.abstain),
+            probs=probs,
             valid=prompts.valid,
             fusion=fusion,
             mask_logits=mask_logits,

@@ -162,8 +162,8 @@ def _handler_name(func) -> str:
 class PhaseProfile:
     """``torch.profiler`` over iterations ``first`` .. ``last``: CPU time of each ``uncol/<phase>`` range."""
 
-    def __init__(self, first: int, last: int) -> None:
-        self.first, self.last = first, last
+    def __init__(self, first: int, last: int, top_ops: int = 0) -> None:
+        self.first, self.last, self.top_ops = first, last, top_ops
         self.profiler: torch.profiler.profile | None = None
         self.phase_ms: dict[str, float] = {}
 
@@ -186,11 +186,13 @@ class PhaseProfile:
         self.profiler.__exit__(None, None, None)
         steps = self.last - self.first + 1
         for event in self.profiler.key_averages():
-            if event.key.startswith("uncol/"):
-                phase = event.key.split("/", 1)[1]
+            if event.key.startswith(("uncol/", "teacher/")):
+                phase = event.key.removeprefix("uncol/")
                 # wall time of the range; on CUDA the device time is what a synchronised step waits for
                 device = getattr(event, "device_time_total", 0.0) or 0.0
                 self.phase_ms[phase] = max(event.cpu_time_total, device) / 1000 / steps
+        if self.top_ops:
+            print(self.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=self.top_ops))
 
 
 def student_step_flops(network: torch.nn.Module, batch_shape: list[int]) -> float:
@@ -206,7 +208,7 @@ def student_step_flops(network: torch.nn.Module, batch_shape: list[int]) -> floa
     return float(counter.get_total_flops())
 
 
-def case_parser(case: str, warm_up: int, steps: int, root: Path):
+def case_parser(case: str, warm_up: int, steps: int, root: Path, extra: dict | None = None):
     """The bundle's configuration for ``case``, as a sweep run builds it, with one epoch of
     ``2 * steps + warm_up`` iterations and no validation inside it."""
     from monai.bundle import ConfigParser
@@ -220,17 +222,17 @@ def case_parser(case: str, warm_up: int, steps: int, root: Path):
     overrides = {**shared, "distillation": method["stage1"]}
     if spec["stage"] == 1:
         configs = [*configs, PRETRAIN]
-        overrides.update(pretrain_epochs=1)
+        overrides.update(pretrain_epochs=1, max_epochs=1)
     else:
         overrides.update(method["stage2"], max_epochs=1, pretrain_epochs=1)
-    overrides.update(iterations_per_epoch=iterations, val_interval=1000)
+    overrides.update(iterations_per_epoch=iterations, val_interval=1000, **(extra or {}))
     parser = ConfigParser()
     parser.read_config(configs)
     parser.update({"bundle_root": str(root), **overrides})
     return parser, overrides
 
 
-def profile_case(case: str, warm_up: int, steps: int) -> dict:
+def profile_case(case: str, warm_up: int, steps: int, top_ops: int = 0, extra: dict | None = None) -> dict:
     spec = CASES[case]
     root = WORK / case
     # stage 2 needs a stage 1 checkpoint: the bundle trains a one-epoch stage 1 first, which is kept
@@ -240,7 +242,7 @@ def profile_case(case: str, warm_up: int, steps: int) -> dict:
         for name in ("models/stage2_last.pt", "logs", "fingerprint.json", "plan.json"):
             path = root / name
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    parser, overrides = case_parser(case, warm_up, steps, root)
+    parser, overrides = case_parser(case, warm_up, steps, root, extra)
     for i, _ in enumerate(parser["initialize"]):
         parser.get_parsed_content(f"initialize#{i}")
     run = parser["run"]
@@ -251,7 +253,7 @@ def profile_case(case: str, warm_up: int, steps: int) -> dict:
     profiled = (warm_up + steps + 1, warm_up + 2 * steps)
     clock = StepClock(*clocked, after=steps)
     clock.attach(trainer)
-    phases = PhaseProfile(*profiled)
+    phases = PhaseProfile(*profiled, top_ops=top_ops)
     phases.attach(trainer)
     start = time.perf_counter()
     trainer.run()
@@ -267,6 +269,10 @@ def profile_case(case: str, warm_up: int, steps: int) -> dict:
         if phase in phases.phase_ms:
             breakdown[phase] = round(phases.phase_ms[phase] / profiled_iteration * iteration_ms, 1)
     breakdown["iteration (other)"] = round(iteration_ms - sum(breakdown[p] for p in PHASES if p in breakdown), 1)
+    # the generalized teacher's own parts (prompts from the EMA teacher, encoder cache, mask decoder, composition)
+    for phase, value in sorted(phases.phase_ms.items()):
+        if phase.startswith("teacher/"):
+            breakdown[f"within: {phase}"] = round(value / profiled_iteration * iteration_ms, 1)
     handlers = {k.removeprefix("handler: "): v for k, v in ms.items() if k.startswith("handler: ")}
     for name, value in sorted(handlers.items(), key=lambda kv: -kv[1]):
         if value >= 0.05:
@@ -346,12 +352,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warm-up", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10, help="clocked steps (and as many profiled)")
     parser.add_argument("--label", default="before", help="names the code state in the table")
+    parser.add_argument("--top-ops", type=int, default=0, help="print the profiled window's N costliest ops")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="a bundle override to try")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
     if not args.report_only:
         RESULTS.mkdir(parents=True, exist_ok=True)
+        extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
         for case in args.case or list(CASES):
-            result = {"label": args.label, **profile_case(case, args.warm_up, args.steps)}
+            result = {"label": args.label, **profile_case(case, args.warm_up, args.steps, args.top_ops, extra)}
             path = RESULTS / f"{args.label}_{case}.json"
             path.write_text(json.dumps(result, indent=2) + "\n")
             print(json.dumps({k: result[k] for k in ("case", "step_ms", "breakdown_ms", "student_gflops")}, indent=1))
