@@ -272,7 +272,8 @@ def profile_case(case: str, warm_up: int, steps: int, top_ops: int = 0, extra: d
     # the generalized teacher's own parts (prompts from the EMA teacher, encoder cache, mask decoder, composition)
     for phase, value in sorted(phases.phase_ms.items()):
         if phase.startswith("teacher/"):
-            breakdown[f"within: {phase}"] = round(value / profiled_iteration * iteration_ms, 1)
+            share = value / profiled_iteration * iteration_ms
+            breakdown[f"generalized_teacher: {phase.removeprefix('teacher/')}"] = round(share, 1)
     handlers = {k.removeprefix("handler: "): v for k, v in ms.items() if k.startswith("handler: ")}
     for name, value in sorted(handlers.items(), key=lambda kv: -kv[1]):
         if value >= 0.05:
