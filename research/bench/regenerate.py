@@ -7,7 +7,8 @@ Each section comes from the script that measures it (its ``--report-only`` path 
 ``sweep-<setting>`` from ``research/results/runs/<setting>/`` (sweep.py), ``gate-audit-<setting>`` from
 ``gate_audit_<setting>.json`` (gate_audit.py), the learning-curve, zero-shot and split sections from
 ``real/`` (real_report.py), ``component-audit`` (component_audit.py), ``patch-memory`` (patch_memory.py),
-``fresh-clone`` (fresh_clone.py), ``plan-probes`` (plan_probe.py), ``step-profile`` (profile_steps.py) and
+``fresh-clone`` (fresh_clone.py), ``plan-probes`` (plan_probe.py), ``step-profile`` (profile_steps.py),
+``inference-speed`` (inference_speed.py) and
 ``uncol-summary`` (summary.py, which also writes README.md's copy).
 No training runs. research/tests/test_generated.py rebuilds the pages this way and fails on any
 difference, and on any marked section no generator writes.
@@ -25,6 +26,7 @@ from research.bench import (
     component_audit,
     fresh_clone,
     gate_audit,
+    inference_speed,
     patch_memory,
     plan_probe,
     profile_steps,
@@ -55,6 +57,9 @@ def results_sections(results: Path = RESULTS) -> dict[str, Callable[[], str]]:
     sections["fresh-clone"] = lambda: fresh_clone.section_text(json.loads((results / "fresh_clone.json").read_text()))
     if (results / "plan_probe").is_dir():
         sections["plan-probes"] = lambda: plan_probe.table(results / "plan_probe")
+    if (results / "inference_speed.json").is_file():
+        speed = results / "inference_speed.json"
+        sections["inference-speed"] = lambda: inference_speed.table(json.loads(speed.read_text()))
     if (results / "profile").is_dir():
         sections["step-profile"] = lambda: profile_steps.table(results / "profile")
     if (results / "diagnostics_2d.json").is_file():  # none is committed now (its run was from uncommitted code)
