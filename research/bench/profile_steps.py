@@ -44,10 +44,18 @@ CASES = {
     "stage1_2d": {"setting": "2d", "stage": 1, "method": "uncol"},
     "stage2_2d": {"setting": "2d", "stage": 2, "method": "uncol"},
     "stage2_2d_mean_teacher": {"setting": "2d", "stage": 2, "method": "mean_teacher"},
-    "stage1_3d": {"setting": "3d_patch", "stage": 1, "method": "uncol"},
-    "stage2_3d": {"setting": "3d_patch", "stage": 2, "method": "uncol"},
-    "stage2_3d_mean_teacher": {"setting": "3d_patch", "stage": 2, "method": "mean_teacher"},
+    "stage1_3d": {"setting": "3d_patch", "stage": 1, "method": "uncol", "bundle": {"embedded_data#num_train": 6}},
+    "stage2_3d": {"setting": "3d_patch", "stage": 2, "method": "uncol", "bundle": {"embedded_data#num_train": 6}},
+    "stage2_3d_mean_teacher": {
+        "setting": "3d_patch",
+        "stage": 2,
+        "method": "mean_teacher",
+        "bundle": {"embedded_data#num_train": 6},
+    },
 }
+#: 3D cases train on 6 of the setting's 20 volumes (1 labelled, 5 unlabelled): a step's cost does not depend
+#: on how many volumes there are, and the generalized teacher's warm-up (every slice of every unlabelled
+#: volume through its encoder, before the first step) stays within minutes
 FRACTION = 0.1
 #: the iteration function's phases, as ``custom/engines/uncol.py`` names its ``record_function`` ranges
 PHASES = (
@@ -225,7 +233,7 @@ def case_parser(case: str, warm_up: int, steps: int, root: Path, extra: dict | N
         overrides.update(pretrain_epochs=1, max_epochs=1)
     else:
         overrides.update(method["stage2"], max_epochs=1, pretrain_epochs=1)
-    overrides.update(iterations_per_epoch=iterations, val_interval=1000, **(extra or {}))
+    overrides.update(iterations_per_epoch=iterations, val_interval=1000, **spec.get("bundle", {}), **(extra or {}))
     parser = ConfigParser()
     parser.read_config(configs)
     parser.update({"bundle_root": str(root), **overrides})
