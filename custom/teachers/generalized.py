@@ -324,7 +324,10 @@ class GeneralizedTeacher(nn.Module):
     def postprocess(self, low_res: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Mask logits at the decoder's resolution -> logits on the original ``(H, W)`` grid."""
         s = self.spec.image_size
-        x = F.interpolate(low_res, (s, s), mode="bilinear", align_corners=False)
+        # LiteMedSAM's masks already come at its input size (256); SAM's (256) are upsampled to 1024
+        x = low_res
+        if x.shape[-2:] != (s, s):
+            x = F.interpolate(x, (s, s), mode="bilinear", align_corners=False)
         nh, nw = self._resized_size(*size)
         x = x[..., :nh, :nw]
         return F.interpolate(x, size, mode="bilinear", align_corners=False)
