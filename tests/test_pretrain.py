@@ -111,7 +111,7 @@ def test_per_view_targets_are_the_teachers_on_the_augmented_image(tmp_path):
     per_view.get_parsed_content("embedded_data")  # writes the tiny phantoms
     item = per_view.get_parsed_content("train#dataset")[0]
     assert not [k for k in item if str(k).startswith("teacher_")]
-    image, label = item["image"].as_tensor()[None].flip(2), item["label"].as_tensor()[None].flip(2)
+    image, label = (torch.as_tensor(item[k])[None].flip(2) for k in ("image", "label"))  # training items are untracked
     grid = [n // 16 for n in image.shape[2:]]
     got = iteration._targets({}, image, label, grid)
     expected = distillation_targets(iteration.teacher(image, labels=label), grid)
