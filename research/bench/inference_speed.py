@@ -47,10 +47,16 @@ def unet(dims: int, base: int) -> UNet:
 
 
 def matched_unet(dims: int) -> UNet:
-    """The UNet whose parameter count is closest to the student's (base width searched 4..64)."""
+    """The UNet whose parameter count is closest to the student's (the count grows with the base width,
+    so widths are tried upwards from 4 until it passes the student's)."""
     target = parameters(UnCoLStudent(spatial_dims=dims, **STUDENT))
-    base = min(range(4, 65), key=lambda b: abs(parameters(unet(dims, b)) - target))
-    return unet(dims, base)
+    below = unet(dims, 4)
+    for base in range(5, 129):
+        above = unet(dims, base)
+        if parameters(above) >= target:
+            return min(below, above, key=lambda net: abs(parameters(net) - target))
+        below = above
+    return below
 
 
 def network_for(name: str, dims: int) -> torch.nn.Module:
