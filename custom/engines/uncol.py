@@ -428,27 +428,22 @@ class SemiSupervisedIteration:
         with record_function("uncol/specialized_teacher"):
             spec = torch.softmax(self.specialized(weak).float() / self.specialized_temperature, 1)
         with record_function("uncol/generalized_teacher"):
-            gen = self._generalized_teacher_probs(weak, spec, context, starts)
+            gen = None
+            if self.generalized is not None:
+                # prompts: boxes of the specialized teacher's current prediction (its softmax goes in, so that
+                # a confidence filter can see it; the regions are its argmax); volumes slice by slice, as the
+                # generalized teacher sees them, so that reuse and decoder batching work per slice
+                if context is not None:
+                    in_context = self._generalized_in_context
+                    parts = [in_context(spec[i : i + 1], context[i], starts[i]) for i in range(len(weak))]
+                    gen = torch.cat(parts).to(spec)
+                elif weak.ndim == 5:
+                    slices = self.generalized.to_slices(weak)
+                    prompts = self.generalized.make_prompts(self.generalized.to_slices(spec))
+                    gen = self.generalized.from_slices(self._generalized_probs(slices, prompts), len(weak)).to(spec)
+                else:
+                    gen = self._generalized_probs(weak, self.generalized.make_prompts(spec)).to(spec)
         return spec, gen
-
-    def _generalized_teacher_probs(
-        self, weak: torch.Tensor, spec: torch.Tensor, context: list[torch.Tensor] | None, starts: torch.Tensor | None
-    ) -> torch.Tensor | None:
-        gen = None
-        if self.generalized is not None:
-            # prompts: boxes of the specialized teacher's current prediction (its softmax goes in, so that
-            # a confidence filter can see it; the regions are its argmax); volumes slice by slice, as the
-            # generalized teacher sees them, so that reuse and decoder batching work per slice
-            if context is not None:
-                parts = [self._generalized_in_context(spec[i : i + 1], context[i], starts[i]) for i in range(len(weak))]
-                gen = torch.cat(parts).to(spec)
-            elif weak.ndim == 5:
-                slices = self.generalized.to_slices(weak)
-                prompts = self.generalized.make_prompts(self.generalized.to_slices(spec))
-                gen = self.generalized.from_slices(self._generalized_probs(slices, prompts), len(weak)).to(spec)
-            else:
-                gen = self._generalized_probs(weak, self.generalized.make_prompts(spec)).to(spec)
-        return gen
 
     def _generalized_in_context(self, spec: torch.Tensor, context: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
         """One patch's generalized-teacher probabilities ``(1, 1 + C, *roi)`` from its context's whole

@@ -388,21 +388,18 @@ class GeneralizedTeacher(nn.Module):
         """Prompts from ``(B, [1,] H, W)`` class indices or ``(B, K, H, W)`` one-hot maps / class
         probabilities (only probabilities let ``prompt_min_confidence`` filter anything)."""
         with record_function("teacher/prompts"):
-            return self._make_prompts(labels)
-
-    def _make_prompts(self, labels: torch.Tensor) -> Prompts:
-        return prompts_from_labels(
-            labels,
-            self.num_classes,
-            box_jitter=self.box_jitter,
-            with_boxes="box" in self.prompt_type,
-            with_points="point" in self.prompt_type,
-            generator=self.generator,
-            box_mode=self.box_mode,
-            min_component_size=self.min_component_size,
-            max_components=self.max_components,
-            min_confidence=self.prompt_min_confidence,
-        )
+            return prompts_from_labels(
+                labels,
+                self.num_classes,
+                box_jitter=self.box_jitter,
+                with_boxes="box" in self.prompt_type,
+                with_points="point" in self.prompt_type,
+                generator=self.generator,
+                box_mode=self.box_mode,
+                min_component_size=self.min_component_size,
+                max_components=self.max_components,
+                min_confidence=self.prompt_min_confidence,
+            )
 
     @property
     def prompt_identity(self) -> dict | None:
