@@ -8,7 +8,7 @@ Each section comes from the script that measures it (its ``--report-only`` path 
 ``gate_audit_<setting>.json`` (gate_audit.py), the learning-curve, zero-shot and split sections from
 ``real/`` (real_report.py), ``component-audit`` (component_audit.py), ``patch-memory`` (patch_memory.py),
 ``fresh-clone`` (fresh_clone.py), ``plan-probes`` (plan_probe.py), ``step-profile`` (profile_steps.py),
-``inference-speed`` (inference_speed.py) and
+``inference-speed`` (inference_speed.py), ``switch-probes`` (switch_probe.py) and
 ``uncol-summary`` (summary.py, which also writes README.md's copy).
 No training runs. research/tests/test_generated.py rebuilds the pages this way and fails on any
 difference, and on any marked section no generator writes.
@@ -33,6 +33,7 @@ from research.bench import (
     real_report,
     summary,
     sweep,
+    switch_probe,
 )
 from research.bench.report import replace_section
 
@@ -57,6 +58,8 @@ def results_sections(results: Path = RESULTS) -> dict[str, Callable[[], str]]:
     sections["fresh-clone"] = lambda: fresh_clone.section_text(json.loads((results / "fresh_clone.json").read_text()))
     if (results / "plan_probe").is_dir():
         sections["plan-probes"] = lambda: plan_probe.table(results / "plan_probe")
+    if (results / "switch_probe").is_dir():
+        sections["switch-probes"] = lambda: switch_probe.table(results / "switch_probe")
     if (results / "inference_speed.json").is_file():
         speed = results / "inference_speed.json"
         sections["inference-speed"] = lambda: inference_speed.table(json.loads(speed.read_text()))

@@ -58,7 +58,7 @@ def main() -> None:
         run("pretrain", config_file=[TRAIN, PRETRAIN], bundle_root=str(stage1), **shared)
     saved = out / "stage2_reuse.json"
     results = json.loads(saved.read_text())["results"] if saved.is_file() else {}
-    warm_teacher_cache(shared)
+    warm_teacher_cache([TRAIN], {"bundle_root": str(out), **shared})
     runs = {f"{t:g}": {"teachers": "both", "reuse_tolerance": t} for t in args.tolerances}
     if args.mean_teacher:
         runs["Mean Teacher"] = {"teachers": "specialized"}

@@ -184,7 +184,7 @@ def train_configs(setting: str) -> list[str]:
     return [TRAIN, *(str(CONFIGS / name) for name in SETTINGS[setting].get("configs", []))]
 
 
-def warm_teacher_cache(setting: str, overrides: dict) -> None:
+def warm_teacher_cache(configs: list[str], overrides: dict) -> None:
     """Encode every unlabelled image once (stage 2's own warm-up, run before it), so that no timed
     stage 2 run pays for the cold cache."""
     from monai.bundle import ConfigParser
@@ -193,8 +193,8 @@ def warm_teacher_cache(setting: str, overrides: dict) -> None:
     from custom.handlers.teacher_warm_up import TeacherCacheWarmUp
 
     parser = ConfigParser()
-    parser.read_config(train_configs(setting))
-    parser.update({"bundle_root": str(Path(overrides["dataset_dir"]).parent), **overrides})
+    parser.read_config(configs)
+    parser.update({"bundle_root": str(Path(overrides.get("dataset_dir", ".")).parent), **overrides})
     parser.get_parsed_content("embedded_data")
     warm_up = TeacherCacheWarmUp(
         parser.get_parsed_content("teacher_def"),
@@ -243,7 +243,7 @@ def run_one(setting: str, fraction: float, method: str, seed: int, work: Path, r
 
         prepare(dataset, SETTINGS[setting]["task"], labelled_fraction=fraction)
     if fraction < 1.0 and stage2_uses_teacher and not (dataset / "warm").is_file():
-        warm_teacher_cache(setting, shared)
+        warm_teacher_cache(train_configs(setting), shared)
         (dataset / "warm").touch()
     if fraction >= 1.0:
         stage2["unlabelled_key"] = "training"  # nothing is unlabelled; the pseudo-label weight is 0 anyway

@@ -1,0 +1,223 @@
+"""Speed switches against the current defaults, paired by (labelled subset, seed) (issue 37).
+
+A switch that changes the math (a narrower decoder, looser reuse of the generalized teacher's outputs)
+becomes a default only if it is faster and not behind the current defaults. Each run here is what a
+user's run is: stage 1 (``pretrain.json``, both distillation paths) then stage 2 (``train.json``'s UnCoL
+defaults), 32 + 32 epochs (the sweep's 2D budget), the checkpoint chosen on validation Dice; it is then
+evaluated on the validation split (what a choice may look at) and on the test split (what is reported).
+Arms that train the same student share its stage 1 (same split, seed and network).
+
+Tasks: ``embedded2d`` (the 128x128 phantoms, 60 training cases of which the split seed labels 6) and
+``colin27`` (real MRI slices at 10 %, research/data/real_brain.py; the split seed picks the labelled
+slices). Sizes come from the bundle's plan, as for a user.
+
+    python -m research.bench.switch_probe --task embedded2d [--pairs 4] [--arm feature_size_8] [--report-only]
+
+Runs resume from their JSONs (research/results/switch_probe/<task>/<arm>_split<S>_seed<K>.json); the table
+goes to research/results.md's ``switch-probes`` section. Stage seconds are wall time of whatever ran beside
+the run (two runs in parallel on 2 cores): speed ratios come from the timing benchmarks, not from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from research.bench.plan_probe import PAIR_ORDER, mean_dice, paired_t
+from research.bench.report import replace_section
+from research.bench.sweep import CONFIGS, EVALUATE, PRETRAIN, ROOT, TRAIN, commit, portable, warm_teacher_cache
+
+RESULTS = ROOT / "research" / "results" / "switch_probe"
+WORK = ROOT / "research" / "work" / "switch_probe"
+
+#: the sweep's 2D budget: 32 + 32 epochs of 25 iterations (past full supervision's plateau)
+EPOCHS = 32
+TASKS = {
+    "embedded2d": {"num_labelled": 6},
+    "colin27": {"task": "colin27", "fraction": 0.1},
+}
+#: each arm: the student it trains (overrides of both stages) and its stage 2 overrides
+ARMS = {
+    "current": {"network": {}, "stage2": {}},
+    "feature_size_8": {"network": {"network_def#feature_size": 8}, "stage2": {}},
+    "feature_size_8_reuse_2": {"network": {"network_def#feature_size": 8}, "stage2": {"reuse_tolerance": 2.0}},
+}
+BASELINE = "current"
+
+
+def datalist_for(task: str, split_seed: int) -> Path:
+    """The task's datalist with the labelled cases drawn by ``split_seed``."""
+    spec = TASKS[task]
+    if "task" in spec:
+        from research.data.real_brain import prepare
+
+        out = WORK / task / "data" / f"split{split_seed}"
+        return prepare(out, spec["task"], labelled_fraction=spec["fraction"], seed=split_seed)
+    from custom.data.phantoms import ensure_dataset
+    from research.data.probes import split_datalist
+
+    full = ensure_dataset(WORK / task / "data", spatial_dims=2, labelled_fraction=1.0)
+    return split_datalist(full, spec["num_labelled"], split_seed)
+
+
+def stage1(task: str, arm: str, split_seed: int, seed: int, shared: dict) -> tuple[Path, float]:
+    """The arm's stage 1 checkpoint and its seconds, trained unless a run of the same student has it."""
+    from monai.bundle import run
+
+    network = ARMS[arm]["network"]
+    name = "_".join(f"{k.split('#')[-1]}_{v}" for k, v in network.items()) or "default"
+    root = WORK / task / "stage1" / f"{name}_split{split_seed}_seed{seed}"
+    record = root / "stage1.json"
+    if record.is_file():
+        return root / "models" / "pretrain.pt", json.loads(record.read_text())["seconds"]
+    shutil.rmtree(root, ignore_errors=True)
+    start = time.perf_counter()
+    run("pretrain", config_file=[TRAIN, PRETRAIN], bundle_root=str(root), **shared, **network)
+    seconds = round(time.perf_counter() - start, 1)
+    record.write_text(json.dumps({"commit": commit(), "seconds": seconds}))
+    return root / "models" / "pretrain.pt", seconds
+
+
+def evaluate(root: Path, split: str, overrides: dict) -> dict:
+    """``evaluate.json`` on ``split``: the report's metrics (per class mean, std, n)."""
+    from monai.bundle import run
+
+    out = root / f"eval_{split}"
+    configs = [TRAIN, EVALUATE]
+    run("evaluate", config_file=configs, bundle_root=str(root), output_dir=str(out), eval_split=split, **overrides)
+    return json.loads((out / "report" / "report.json").read_text())
+
+
+def run_one(task: str, arm: str, split_seed: int, seed: int) -> dict:
+    from monai.bundle import run
+
+    out = RESULTS / task / f"{arm}_split{split_seed}_seed{seed}.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    datalist = datalist_for(task, split_seed)
+    shared = {
+        "use_embedded_data": False,
+        "datalist": str(datalist),
+        "config_dir": str(CONFIGS),
+        "teacher_cache_dir": str(WORK / task / "teacher_cache"),
+        "seed": seed,
+        "pretrain_epochs": EPOCHS,
+        "max_epochs": EPOCHS,
+    }
+    checkpoint, stage1_seconds = stage1(task, arm, split_seed, seed, shared)
+    overrides = {**shared, **ARMS[arm]["network"]}
+    warm = datalist.with_suffix(".warm")
+    if not warm.is_file():  # no timed stage 2 pays for encoding the unlabelled images
+        warm_teacher_cache([TRAIN], {"bundle_root": str(WORK / task), **shared})
+        warm.touch()
+    root = WORK / task / "runs" / f"{arm}_split{split_seed}_seed{seed}"
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "models").mkdir(parents=True)
+    shutil.copy(checkpoint, root / "models" / "pretrain.pt")
+    start = time.perf_counter()
+    run("training", config_file=[TRAIN], bundle_root=str(root), **overrides, **ARMS[arm]["stage2"])
+    stage2_seconds = round(time.perf_counter() - start, 1)
+    validation = evaluate(root, "validation", overrides)
+    test = evaluate(root, "test", overrides)
+    result = {
+        "task": task,
+        "arm": arm,
+        "split_seed": split_seed,
+        "seed": seed,
+        "commit": commit(),
+        "seconds": {"stage1": stage1_seconds, "stage2": stage2_seconds},
+        "overrides": portable({**overrides, **ARMS[arm]["stage2"]}),
+        "validation_metrics": validation["metrics"],
+        "metrics": test["metrics"],
+        "num_test_cases": test.get("num_cases"),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out)
+    return result
+
+
+def validation_dice(result: dict) -> float:
+    return statistics.fmean(v["mean"] for v in result["validation_metrics"]["test_dice"].values())
+
+
+def table(results_dir: Path = RESULTS) -> str:
+    lines = [
+        "| task | arm | pairs | test Dice per class, mean ± sample std over pairs | mean Dice | "
+        "arm − current, test (± SE) | higher on | p | arm − current, validation (± SE) | p | "
+        "stage 1 s | stage 2 s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for task in TASKS:
+        runs = [json.loads(p.read_text()) for p in sorted((results_dir / task).glob("*.json"))]
+        by_arm = {a: {(r["split_seed"], r["seed"]): r for r in runs if r["arm"] == a} for a in ARMS}
+        first = True
+        for arm in ARMS:
+            pairs = sorted(set(by_arm[arm]) & set(by_arm[BASELINE])) if arm != BASELINE else sorted(by_arm[arm])
+            if not pairs:
+                continue
+            rs = [by_arm[arm][k] for k in pairs]
+            paired = ["", "", "", "", ""]
+            if arm != BASELINE:
+                base = [by_arm[BASELINE][k] for k in pairs]
+                test_diffs = [mean_dice(r) - mean_dice(b) for r, b in zip(rs, base, strict=True)]
+                val_diffs = [validation_dice(r) - validation_dice(b) for r, b in zip(rs, base, strict=True)]
+                (tm, tse, tp), (vm, vse, vp) = paired_t(test_diffs), paired_t(val_diffs)
+                wins = f"{sum(d > 0 for d in test_diffs)} of {len(pairs)}"
+                paired = [f"{tm:+.3f} ± {tse:.3f}", wins, f"{tp:.3g}", f"{vm:+.3f} ± {vse:.3f}", f"{vp:.3g}"]
+            classes = list(rs[0]["metrics"]["test_dice"])
+            per_class = ", ".join(
+                f"{c} {statistics.fmean(r['metrics']['test_dice'][c]['mean'] for r in rs):.3f} ± "
+                f"{statistics.stdev([r['metrics']['test_dice'][c]['mean'] for r in rs]) if len(rs) > 1 else 0:.3f}"
+                for c in classes
+            )
+            md = [mean_dice(r) for r in rs]
+            spread = statistics.stdev(md) if len(md) > 1 else 0.0
+            seconds = {s: statistics.median(r["seconds"][s] for r in rs) for s in ("stage1", "stage2")}
+            lines.append(
+                f"| {task if first else ''} | {arm} | {len(pairs)} | {per_class} | {statistics.fmean(md):.3f} ± "
+                f"{spread:.3f} | {' | '.join(paired)} | {seconds['stage1']:.0f} | {seconds['stage2']:.0f} |"
+            )
+            first = False
+    commits = sorted({json.loads(p.read_text())["commit"] for p in results_dir.glob("*/*.json")})
+    lines += [
+        "",
+        f"Stage 1 (both distillation paths) + stage 2 (UnCoL defaults), {EPOCHS} + {EPOCHS} epochs, "
+        f"commits {', '.join(commits) or '-'}. Pairs are (labelled subset, seed); each arm is paired with "
+        '`current` on the pairs both have. "±" per class and on mean Dice: sample std over pairs; on a '
+        "difference: its standard error; p: two-sided paired t-test. Validation: the same checkpoint on the "
+        "validation split (what a choice may look at). Seconds: median wall time per stage with another "
+        "run beside it, not a speed figure. `feature_size_8`: the decoder half as wide "
+        "(`network_def#feature_size` 8); `_reuse_2`: stage 2 reuses the generalized teacher's output while "
+        "no box edge moved more than 2 pixels (`reuse_tolerance`). "
+        "Command: `python -m research.bench.switch_probe --task <task>`.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", choices=sorted(TASKS), action="append", help="default: every task")
+    parser.add_argument("--pairs", type=int, default=4, help="(split seed, seed) pairs per arm")
+    parser.add_argument("--first-pair", type=int, default=0, help="skip this many pairs (run pairs in parallel)")
+    parser.add_argument("--arm", choices=sorted(ARMS), action="append", help="default: every arm")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.report_only:
+        for task in args.task or list(TASKS):
+            for split_seed, seed in PAIR_ORDER[args.first_pair : args.pairs]:
+                for arm in args.arm or list(ARMS):
+                    result = run_one(task, arm, split_seed, seed)
+                    print(f"{task} {arm} split {split_seed} seed {seed}: mean Dice {mean_dice(result):.3f}", flush=True)
+    text = table()
+    print(text)
+    replace_section(ROOT / "research" / "results.md", "switch-probes", text)
+
+
+if __name__ == "__main__":
+    main()
