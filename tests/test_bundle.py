@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, REPO, TINY_NET, tiny_train_overrides
+from conftest import CONFIGS, REPO, TINY_NET, save_student, tiny_train_overrides
 from monai.bundle import ConfigParser, ConfigWorkflow, run
 
 from custom.handlers.checkpoints import student_state
@@ -77,6 +77,21 @@ def test_training_writes_a_loadable_checkpoint(trained):
     parser.update(TINY_NET)
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(student_state(trained.root / "models" / "model.pt"), strict=True)
+
+
+def test_inference_builds_the_student_its_checkpoint_records(tmp_path):
+    """A checkpoint of a student other than the default (narrower, 4 classes, U-Net blocks) runs with
+    inference.json as it is: the architecture comes from its record, and its weights load strictly."""
+    from custom.networks.student import UnCoLStudent
+
+    student = UnCoLStudent(2, 1, 5, hidden_size=48, mlp_dim=96, num_heads=2, feature_size=4, decoder="vnet")
+    ckpt = save_student(student, tmp_path / "model.pt", class_names=("a", "b", "c", "d"))
+    parser = ConfigParser({**ConfigParser.load_config_file(INFER), "bundle_root": str(tmp_path)})
+    parser["ckpt_path"] = str(ckpt)
+    network = parser.get_parsed_content("network_def")
+    assert (network.feature_size, network.hidden_size, network.out_channels, network.decoder) == (4, 48, 5, "vnet")
+    network.load_state_dict(student_state(ckpt), strict=True)
+    parser.get_parsed_content("checkpoint_check")  # the record's own student: the check passes
 
 
 def test_training_resumes_from_its_last_checkpoint(trained, tmp_path, capfd):
@@ -258,7 +273,14 @@ def test_train_config_reads_as_a_zoo_config():
 
 def test_inference_and_training_build_the_same_network():
     train, infer = ConfigParser.load_config_file(TRAIN), ConfigParser.load_config_file(INFER)
-    assert train["network_def"] == infer["network_def"]
+    # inference builds the checkpoint's own student (its record's architecture); without a file, train.json's
+    assert infer["student"]["_target_"].endswith("recorded_value") and infer["student"]["key"] == "network"
+    given = ("_target_", "spatial_dims", "out_channels")
+    architecture = {k: v for k, v in train["network_def"].items() if k not in given}
+    student = {**infer["student"]["default"], "in_channels": 1}
+    assert {k: student[k] for k in architecture} == architecture
+    assert infer["network_def"]["_target_"] == train["network_def"]["_target_"]
+    assert all(infer["network_def"][k] == f"$@student['{k}']" for k in student if k != "in_channels")
     assert train["spatial_dims"] == infer["spatial_dims"]
     # orientation, spacing, patch and normalisation come from the checkpoint's record (training plans all
     # but the orientation from the data); the defaults stand in only without a file
