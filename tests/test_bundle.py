@@ -80,8 +80,8 @@ def test_training_writes_a_loadable_checkpoint(trained):
 
 
 def test_inference_builds_the_student_its_checkpoint_records(tmp_path):
-    """A checkpoint of a student other than the default (narrower, 4 classes, U-Net blocks) runs with
-    inference.json as it is: the architecture comes from its record, and its weights load strictly."""
+    """A checkpoint of a student other than the default (narrower, 4 classes, residual blocks in 2D) runs
+    with inference.json and evaluate.json as they are: the architecture comes from its record."""
     from custom.networks.student import UnCoLStudent
 
     student = UnCoLStudent(2, 1, 5, hidden_size=48, mlp_dim=96, num_heads=2, feature_size=4, decoder="vnet")
@@ -92,6 +92,10 @@ def test_inference_builds_the_student_its_checkpoint_records(tmp_path):
     assert (network.feature_size, network.hidden_size, network.out_channels, network.decoder) == (4, 48, 5, "vnet")
     network.load_state_dict(student_state(ckpt), strict=True)
     parser.get_parsed_content("checkpoint_check")  # the record's own student: the check passes
+    evaluation = ConfigParser()
+    evaluation.read_config([TRAIN, EVALUATE])
+    evaluation.update({"bundle_root": str(tmp_path), "ckpt_path": str(ckpt)})
+    assert evaluation.get_parsed_content("network_def").feature_size == 4
 
 
 def test_training_resumes_from_its_last_checkpoint(trained, tmp_path, capfd):
