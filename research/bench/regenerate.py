@@ -8,7 +8,7 @@ Each section comes from the script that measures it (its ``--report-only`` path 
 ``gate_audit_<setting>.json`` (gate_audit.py), the learning-curve, zero-shot and split sections from
 ``real/`` (real_report.py), ``component-audit`` (component_audit.py), ``patch-memory`` (patch_memory.py),
 ``fresh-clone`` (fresh_clone.py), ``plan-probes`` (plan_probe.py), ``step-profile`` (profile_steps.py),
-``inference-speed`` (inference_speed.py), ``switch-probes`` (switch_probe.py) and
+``inference-speed`` (inference_speed.py), ``switch-probes`` (switch_probe.py), ``run-cost`` (run_cost.py) and
 ``uncol-summary`` (summary.py, which also writes README.md's copy).
 No training runs. research/tests/test_generated.py rebuilds the pages this way and fails on any
 difference, and on any marked section no generator writes.
@@ -31,6 +31,7 @@ from research.bench import (
     plan_probe,
     profile_steps,
     real_report,
+    run_cost,
     summary,
     sweep,
     switch_probe,
@@ -58,6 +59,8 @@ def results_sections(results: Path = RESULTS) -> dict[str, Callable[[], str]]:
     sections["fresh-clone"] = lambda: fresh_clone.section_text(json.loads((results / "fresh_clone.json").read_text()))
     if (results / "plan_probe").is_dir():
         sections["plan-probes"] = lambda: plan_probe.table(results / "plan_probe")
+    if (results / "run_cost.json").is_file():
+        sections["run-cost"] = lambda: run_cost.table(json.loads((results / "run_cost.json").read_text()))
     if (results / "switch_probe").is_dir():
         sections["switch-probes"] = lambda: switch_probe.table(results / "switch_probe")
     if (results / "inference_speed.json").is_file():
