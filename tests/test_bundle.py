@@ -84,12 +84,14 @@ def test_inference_builds_the_student_its_checkpoint_records(tmp_path):
     with inference.json and evaluate.json as they are: the architecture comes from its record."""
     from custom.networks.student import UnCoLStudent
 
-    student = UnCoLStudent(2, 1, 5, hidden_size=48, mlp_dim=96, num_heads=2, feature_size=4, decoder="vnet")
+    tiny = {"hidden_size": 48, "mlp_dim": 96, "num_heads": 2, "feature_size": 4}
+    student = UnCoLStudent(2, 1, 5, decoder="vnet", full_resolution="single", **tiny)
     ckpt = save_student(student, tmp_path / "model.pt", class_names=("a", "b", "c", "d"))
     parser = ConfigParser({**ConfigParser.load_config_file(INFER), "bundle_root": str(tmp_path)})
     parser["ckpt_path"] = str(ckpt)
     network = parser.get_parsed_content("network_def")
-    assert (network.feature_size, network.hidden_size, network.out_channels, network.decoder) == (4, 48, 5, "vnet")
+    built = (network.feature_size, network.hidden_size, network.out_channels, network.decoder, network.full_resolution)
+    assert built == (4, 48, 5, "vnet", "single")
     network.load_state_dict(student_state(ckpt), strict=True)
     parser.get_parsed_content("checkpoint_check")  # the record's own student: the check passes
     evaluation = ConfigParser()
@@ -278,7 +280,7 @@ def test_train_config_reads_as_a_zoo_config():
 def test_inference_and_training_build_the_same_network():
     train, infer = ConfigParser.load_config_file(TRAIN), ConfigParser.load_config_file(INFER)
     # inference builds the checkpoint's own student (its record's architecture); without a file, train.json's
-    assert infer["student"]["_target_"].endswith("recorded_value") and infer["student"]["key"] == "network"
+    assert infer["student"]["_target_"].endswith("recorded_network")
     given = ("_target_", "spatial_dims", "out_channels")
     architecture = {k: v for k, v in train["network_def"].items() if k not in given}
     student = {**infer["student"]["default"], "in_channels": 1}

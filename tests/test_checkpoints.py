@@ -236,3 +236,17 @@ def test_a_record_from_before_a_field_existed_gets_what_those_checkpoints_were_t
     }
     with pytest.raises(SystemExit, match=r"old\.pt: no training record with 'pixdim'; give --pixdim"):
         recorded_value(old, "pixdim", [1.0, 1.0])
+
+
+def test_a_network_recorded_before_full_resolution_existed_is_the_blocks_student(tmp_path):
+    from custom.handlers.checkpoints import describe_network, recorded_network
+    from custom.networks.student import UnCoLStudent
+
+    tiny = {"hidden_size": 48, "mlp_dim": 96, "num_heads": 2, "feature_size": 8}
+    network = {k: v for k, v in describe_network(UnCoLStudent(2, **tiny)).items() if k != "full_resolution"}
+    old = tmp_path / "old.pt"
+    torch.save({"record": {"spatial_dims": 2, "num_classes": 3, "network": network}}, old)
+    assert recorded_network(old)["full_resolution"] == "blocks"
+    TrainingRecord(UnCoLStudent(2, **tiny)).check(old)  # the student those checkpoints were
+    with pytest.raises(SystemExit, match=r"old\.pt: network full_resolution blocks here single$"):
+        TrainingRecord(UnCoLStudent(2, full_resolution="single", **tiny)).check(old)

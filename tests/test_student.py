@@ -36,6 +36,28 @@ def test_decoder_style_follows_dimensionality():
     assert isinstance(UnCoLStudent(spatial_dims=3, **TINY).up1.conv_block, UnetResBlock)  # V-Net style
 
 
+@pytest.mark.parametrize("spatial_dims, shape, share", [(2, (48, 32), 0.9), (3, (32, 16, 48), 0.8)])
+def test_single_convolution_full_resolution_keeps_the_interface_and_does_less(spatial_dims, shape, share):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(net):
+        with FlopCounterMode(display=False) as counter:
+            out = net(torch.randn(1, 1, *shape))
+        assert out.shape == (1, 3, *shape)
+        return counter.get_total_flops()
+
+    blocks = UnCoLStudent(spatial_dims=spatial_dims, out_channels=3, **TINY)
+    single = UnCoLStudent(spatial_dims=spatial_dims, out_channels=3, full_resolution="single", **TINY)
+    assert single.forward_features(torch.randn(1, 1, *shape))["stem"].shape == (1, 8, *shape)
+    # the full-resolution level alone differs: the levels below keep their weights' shapes
+    below = {k: v.shape for k, v in blocks.state_dict().items() if not k.startswith(("stem.", "up1.conv_block."))}
+    assert below == {k: v.shape for k, v in single.state_dict().items() if k in below}
+    assert flops(single) < share * flops(blocks)  # the full-resolution level weighs most in 3D
+    torch.jit.script(single.eval())  # exports like the default student
+    with pytest.raises(ValueError, match="full_resolution"):
+        UnCoLStudent(spatial_dims=spatial_dims, full_resolution="none", **TINY)
+
+
 def test_input_not_multiple_of_patch_size_is_rejected():
     net = UnCoLStudent(spatial_dims=2, **TINY)
     with pytest.raises(ValueError, match="multiple of the patch size 16"):

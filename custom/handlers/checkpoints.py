@@ -147,8 +147,10 @@ ARCHITECTURE_FIELDS = ("spatial_dims", "num_classes", "network")
 #: the network attributes that together fix its architecture
 NETWORK_ATTRIBUTES = (
     "spatial_dims", "in_channels", "out_channels", "hidden_size", "mlp_dim", "num_heads", "num_layers",
-    "feature_size", "decoder",
+    "feature_size", "decoder", "full_resolution",
 )  # fmt: skip
+#: attributes added after checkpoints recorded their network, with the value those were trained with
+NETWORK_ATTRIBUTES_ADDED = {"full_resolution": "blocks"}
 
 
 def describe_network(network: torch.nn.Module) -> dict:
@@ -241,7 +243,9 @@ class TrainingRecord:
         for key in fields or [k for k in expected if k not in self.KEPT_ONLY]:
             if key in expected and recorded.get(key) != expected[key]:
                 if key == "network":
-                    was, now = recorded.get(key) or {}, expected[key]
+                    was, now = {**NETWORK_ATTRIBUTES_ADDED, **(recorded.get(key) or {})}, expected[key]
+                    if was == now:
+                        continue
                     changed = [f"{k} {was.get(k)} here {now.get(k)}" for k in now if was.get(k) != now.get(k)]
                     out.append("network " + ", ".join(changed))
                 else:
@@ -278,6 +282,13 @@ def recorded_value(path: str | Path, key: str, default: object = None, missing: 
     if record is None or key not in record:
         raise SystemExit(f"error: {path}: no training record with '{key}'; give --{key} on the command line")
     return record[key]
+
+
+def recorded_network(path: str | Path, default: Mapping | None = None) -> dict:
+    """The student architecture a checkpoint's record names (:func:`describe_network`), with attributes
+    added since it was written at the value it was trained with; ``default`` while there is no file."""
+    network = recorded_value(path, "network", default=default)
+    return {**NETWORK_ATTRIBUTES_ADDED, **network}
 
 
 def recorded_plan(path: str | Path, **overrides: object) -> Plan:

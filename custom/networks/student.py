@@ -6,6 +6,11 @@ paths (MONAI ``UnetrPrUpBlock``/``UnetrUpBlock``) read the outputs of transforme
 is the bottleneck, and a full-resolution conv stem gives the last skip. The decoder uses plain
 double-conv blocks (U-Net) by default in 2D and residual conv blocks (V-Net style) in 3D.
 
+``full_resolution="single"`` makes the full-resolution level cheap: the stem and the last up level are
+one 3x3 convolution (with norm and activation) each instead of a pair of blocks. That level costs the
+most in 3D (per voxel it is as wide as the levels below but has 8x their voxels); research/results.md
+(``inference-speed``, ``switch-probes``) has its time and its Dice.
+
 ``forward`` returns logits only, so the network exports to TorchScript and needs no prompt.
 ``forward_features`` also returns the named intermediate features the distillation paths read.
 """
@@ -14,11 +19,19 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from monai.networks.blocks import TransformerBlock, UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+from monai.networks.blocks import (
+    Convolution,
+    TransformerBlock,
+    UnetOutBlock,
+    UnetrBasicBlock,
+    UnetrPrUpBlock,
+    UnetrUpBlock,
+)
 from monai.networks.layers import Conv
 
 PATCH_SIZE = 16  # four 2x up-sampling stages bring the token grid back to full resolution
 FEATURE_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4")
+FULL_RESOLUTION = ("blocks", "single")
 
 
 def sincos_position_embedding(grid: list[int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -43,6 +56,12 @@ def sincos_position_embedding(grid: list[int], dim: int, temperature: float = 10
     return emb[None]
 
 
+def single_conv(spatial_dims: int, in_channels: int, out_channels: int, norm_name: str) -> nn.Module:
+    """One 3x3 convolution, norm and leaky ReLU: the full-resolution level of ``full_resolution="single"``."""
+    act = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
+    return Convolution(spatial_dims, in_channels, out_channels, kernel_size=3, norm=norm_name, act=act)
+
+
 class UnCoLStudent(nn.Module):
     """Student segmentation network (see module docstring).
 
@@ -59,6 +78,8 @@ class UnCoLStudent(nn.Module):
             ``"unet"`` in 2D and ``"vnet"`` in 3D.
         norm_name: normalisation of the conv blocks.
         dropout_rate: transformer dropout.
+        full_resolution: ``"blocks"`` (the decoder's conv blocks, as at every other level) or ``"single"``
+            (one convolution in the stem and one in the last up level; see the module docstring).
     """
 
     def __init__(
@@ -74,6 +95,7 @@ class UnCoLStudent(nn.Module):
         decoder: str | None = None,
         norm_name: str = "instance",
         dropout_rate: float = 0.0,
+        full_resolution: str = "blocks",
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -87,6 +109,8 @@ class UnCoLStudent(nn.Module):
         decoder = decoder or ("unet" if spatial_dims == 2 else "vnet")
         if decoder not in ("unet", "vnet"):
             raise ValueError(f"decoder must be 'unet' or 'vnet', got {decoder!r}.")
+        if full_resolution not in FULL_RESOLUTION:
+            raise ValueError(f"full_resolution must be one of {FULL_RESOLUTION}, got {full_resolution!r}.")
         res = decoder == "vnet"
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
@@ -97,6 +121,7 @@ class UnCoLStudent(nn.Module):
         self.num_layers = num_layers
         self.feature_size = feature_size
         self.decoder = decoder  # these settings are what a checkpoint's training record names
+        self.full_resolution = full_resolution
         self.patch_size = PATCH_SIZE
         # skips come from the transformer layers spread evenly before the last (1, 2, 3 for depth 4)
         self.skip_layers = [num_layers * k // 4 for k in (1, 2, 3)]
@@ -112,7 +137,10 @@ class UnCoLStudent(nn.Module):
             block.norm_cross_attn.requires_grad_(False)
         self.norm = nn.LayerNorm(hidden_size)
         fs, sd, nn_ = feature_size, spatial_dims, norm_name
-        self.stem = UnetrBasicBlock(sd, in_channels, fs, 3, 1, nn_, res_block=res)
+        if full_resolution == "single":
+            self.stem = single_conv(sd, in_channels, fs, nn_)
+        else:
+            self.stem = UnetrBasicBlock(sd, in_channels, fs, 3, 1, nn_, res_block=res)
         self.skip1 = UnetrPrUpBlock(sd, hidden_size, fs * 2, 2, 3, 1, 2, nn_, res_block=res)
         self.skip2 = UnetrPrUpBlock(sd, hidden_size, fs * 4, 1, 3, 1, 2, nn_, res_block=res)
         self.skip3 = UnetrPrUpBlock(sd, hidden_size, fs * 8, 0, 3, 1, 2, nn_, res_block=res)
@@ -120,6 +148,8 @@ class UnCoLStudent(nn.Module):
         self.up3 = UnetrUpBlock(sd, fs * 8, fs * 4, 3, 2, nn_, res_block=res)
         self.up2 = UnetrUpBlock(sd, fs * 4, fs * 2, 3, 2, nn_, res_block=res)
         self.up1 = UnetrUpBlock(sd, fs * 2, fs, 3, 2, nn_, res_block=res)
+        if full_resolution == "single":  # the up-sampled features and the stem's, through one convolution
+            self.up1.conv_block = single_conv(sd, fs * 2, fs, nn_)
         self.head = UnetOutBlock(sd, fs, out_channels)
 
     def _tokens_to_grid(self, tokens: torch.Tensor, grid: list[int]) -> torch.Tensor:
