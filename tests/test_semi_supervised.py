@@ -135,6 +135,38 @@ def test_generalized_teacher_on_volumes_is_slice_wise_and_reused_per_slice(lite_
     assert torch.equal(again, gen)
 
 
+def test_a_slice_stride_prompts_every_kth_slice_and_leaves_the_rest_uniform(tmp_path):
+    """3D stage 2 with ``slice_stride`` 2: the generalized teacher decodes half of each volume's slices (one
+    offset a step, the same in every volume) and abstains on the others with the uniform distribution, so
+    an entropy gate gives those slices to the specialized teacher."""
+    from custom.engines.uncol import SemiSupervisedIteration, every_kth_slice
+    from custom.losses.pseudo_label import EntropyGate, PseudoLabelLoss
+    from custom.teachers.generalized import GeneralizedTeacher
+    from custom.teachers.prompts import Prompts
+
+    torch.manual_seed(0)
+    lite_teacher = GeneralizedTeacher("litemedsam", num_classes=3, cache_dir=tmp_path)  # each slice encoded once
+    ema = torch.nn.Conv3d(1, 3, 3, padding=1)
+    weak = torch.randn(1, 1, 32, 32, 4)
+    every = SemiSupervisedIteration(EntropyGate("both"), PseudoLabelLoss(), ema, lite_teacher, reuse_generalized=False)
+    strided = SemiSupervisedIteration(
+        EntropyGate("both"), PseudoLabelLoss(), ema, lite_teacher, reuse_generalized=False, slice_stride=2
+    )
+    full = every.teacher_probs(weak)[1]
+    for _ in range(2):
+        gen = strided.teacher_probs(weak)[1]
+        decoded = [z for z in range(4) if not torch.allclose(gen[..., z], torch.full_like(gen[..., z], 1 / 3))]
+        assert decoded in ([0, 2], [1, 3])
+        assert torch.allclose(gen[..., decoded], full[..., decoded], atol=1e-5)
+    # component slots are dropped with their slice: no prompt of an abstaining slice reaches the decoder
+    prompts = Prompts(torch.ones(6, 2, dtype=torch.bool), components=torch.ones(6, 2, 3, dtype=torch.bool))
+    kept = every_kth_slice(prompts, slices=3, stride=2, offset=1)
+    assert kept.valid[:, 0].tolist() == [False, True, False, False, True, False]
+    assert len(kept.prompt_index()[0]) == 2 * 2 * 3
+    with pytest.raises(ValueError, match="slice_stride"):
+        SemiSupervisedIteration(EntropyGate("both"), PseudoLabelLoss(), ema, lite_teacher, slice_stride=0)
+
+
 class _FixedPrediction(torch.nn.Module):
     """Stands in for the EMA student: returns confident logits of a fixed class map, whatever the input."""
 

@@ -80,6 +80,14 @@ def shift_prompts(prompts: Prompts, top: int, left: int) -> Prompts:
     return Prompts(prompts.valid, moved(prompts.boxes, 2), moved(prompts.points, 1), prompts.components)
 
 
+def every_kth_slice(prompts: Prompts, slices: int, stride: int, offset: int) -> Prompts:
+    """``prompts`` of volumes cut into ``slices`` slices each (volume after volume), kept on the slices
+    ``offset``, ``offset + stride``, ... of each volume only; the other slices get no prompt (abstain)."""
+    keep = (torch.arange(len(prompts.valid), device=prompts.valid.device) % slices) % stride == offset
+    components = None if prompts.components is None else prompts.components & keep[:, None, None]
+    return Prompts(prompts.valid & keep[:, None], prompts.boxes, prompts.points, components)
+
+
 def _plain(x) -> torch.Tensor:
     return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
 
@@ -276,6 +284,10 @@ class SemiSupervisedIteration:
             fewer decoder calls.
         context_key: key of the unlabelled batch's crop contexts (``RandGridCropd(context_key=...)``): when
             the batch has it, the generalized teacher works on whole slices (see :meth:`teacher_probs`).
+        slice_stride: 3D: the generalized teacher is prompted on every ``slice_stride``-th slice of each
+            volume (from a random offset each step); the others get no prompt, so its uniform abstention
+            leaves them to the specialized teacher. Its mask decoder, slice by slice, is most of a 3D
+            step: a stride of k divides that cost by k. 1: every slice.
     """
 
     #: the scheduled values a step reads: the entropy gate's threshold (nats), the quantile gate's kept
@@ -294,9 +306,12 @@ class SemiSupervisedIteration:
         reuse_generalized: bool = True,
         reuse_tolerance: float = 0.0,
         context_key: str | None = "image_context",
+        slice_stride: int = 1,
     ) -> None:
         if gate.teachers != "specialized" and generalized is None:
             raise ValueError(f"teachers={gate.teachers!r} needs the generalized teacher")
+        if slice_stride < 1:
+            raise ValueError(f"slice_stride must be at least 1, got {slice_stride}")
         self.gate = gate
         self.pseudo_loss = pseudo_loss
         self.specialized = specialized
@@ -307,6 +322,7 @@ class SemiSupervisedIteration:
         self.reuse_generalized = reuse_generalized
         self.reuse_tolerance = reuse_tolerance
         self.context_key = context_key
+        self.slice_stride = slice_stride
         self._generalized_memo: dict[str, tuple[Prompts, torch.Tensor]] = {}
         #: divides the EMA teacher's logits before its softmax (set by ``TeacherCalibration``; 1: off)
         self.specialized_temperature = 1.0
@@ -439,7 +455,7 @@ class SemiSupervisedIteration:
                     gen = torch.cat(parts).to(spec)
                 elif weak.ndim == 5:
                     slices = self.generalized.to_slices(weak)
-                    prompts = self.generalized.make_prompts(self.generalized.to_slices(spec))
+                    prompts = self._strided(self.generalized.make_prompts(self.generalized.to_slices(spec)), spec)
                     gen = self.generalized.from_slices(self._generalized_probs(slices, prompts), len(weak)).to(spec)
                 else:
                     gen = self._generalized_probs(weak, self.generalized.make_prompts(spec)).to(spec)
@@ -456,9 +472,19 @@ class SemiSupervisedIteration:
         height, width = (spec.shape[2 + a] for a in in_plane)
         slices = teacher.to_slices(context) if volume else context
         prompts = shift_prompts(teacher.make_prompts(teacher.to_slices(spec) if volume else spec), top, left)
+        if volume:
+            prompts = self._strided(prompts, spec)
         window = (slice(top, top + height), slice(left, left + width))
         probs = self._generalized_probs(slices, prompts, window=window)
         return teacher.from_slices(probs, 1) if volume else probs
+
+    def _strided(self, prompts: Prompts, volumes: torch.Tensor) -> Prompts:
+        """The per-slice ``prompts`` of ``volumes`` ``(B, C, *S)`` kept on every ``slice_stride``-th slice."""
+        if self.slice_stride == 1:  # no draw: the flips' random stream stays as it was
+            return prompts
+        offset = int(torch.randint(self.slice_stride, (1,), generator=self.generator))
+        slices = volumes.shape[2 + self.generalized.slice_axis]
+        return every_kth_slice(prompts, slices, self.slice_stride, offset)
 
     def _count_labelled(self, labels: torch.Tensor, num_classes: int) -> None:
         # on the batch's device: read (and synchronised) once an epoch by the handler, not every step
