@@ -7,9 +7,11 @@ defaults), 32 + 32 epochs (the sweep's 2D budget), the checkpoint chosen on vali
 evaluated on the validation split (what a choice may look at) and on the test split (what is reported).
 Arms that train the same student share its stage 1 (same split, seed and network).
 
-Tasks: ``embedded2d`` (the 128x128 phantoms, 60 training cases of which the split seed labels 6) and
+Tasks: ``embedded2d`` (the 128x128 phantoms, 60 training cases of which the split seed labels 6),
 ``colin27`` (real MRI slices at 10 %, research/data/real_brain.py; the split seed picks the labelled
-slices). Sizes come from the bundle's plan, as for a user.
+slices), sizes from the bundle's plan as for a user; and ``embedded3d`` (the 160x160x96 phantoms, 20
+training volumes of which the split seed labels 2, the sweep's ``3d_patch`` setting: 64x64x32 patches,
+batch 2, 20 + 20 epochs).
 
     python -m research.bench.switch_probe --task embedded2d [--pairs 4] [--arm feature_size_8] [--report-only]
 
@@ -34,19 +36,38 @@ from research.bench.sweep import CONFIGS, EVALUATE, PRETRAIN, ROOT, TRAIN, commi
 RESULTS = ROOT / "research" / "results" / "switch_probe"
 WORK = ROOT / "research" / "work" / "switch_probe"
 
-#: the sweep's 2D budget: 32 + 32 epochs of 25 iterations (past full supervision's plateau)
-EPOCHS = 32
-TASKS = {
-    "embedded2d": {"num_labelled": 6},
-    "colin27": {"task": "colin27", "fraction": 0.1},
-}
 #: each arm: the student it trains (overrides of both stages) and its stage 2 overrides
+NARROW = {"network_def#feature_size": 8}
+SINGLE = {**NARROW, "network_def#full_resolution": "single"}
 ARMS = {
     "current": {"network": {}, "stage2": {}},
-    "feature_size_8": {"network": {"network_def#feature_size": 8}, "stage2": {}},
-    "feature_size_8_reuse_2": {"network": {"network_def#feature_size": 8}, "stage2": {"reuse_tolerance": 2.0}},
+    "feature_size_8": {"network": NARROW, "stage2": {}},
+    "feature_size_8_reuse_2": {"network": NARROW, "stage2": {"reuse_tolerance": 2.0}},
+    "feature_size_8_single": {"network": SINGLE, "stage2": {}},
+    "feature_size_8_single_stride_2": {"network": SINGLE, "stage2": {"generalized_slice_stride": 2}},
 }
 BASELINE = "current"
+#: per task: its data, the configs layered on train.json, bundle overrides, epochs per stage (the sweep's
+#: budgets, past full supervision's plateau) and the arms it runs by default
+TASKS = {
+    "embedded2d": {
+        "data": {"spatial_dims": 2, "num_labelled": 6},
+        "epochs": 32,
+        "arms": ["current", "feature_size_8", "feature_size_8_reuse_2"],
+    },
+    "colin27": {"task": "colin27", "fraction": 0.1, "epochs": 32, "arms": ["current", "feature_size_8"]},
+    "embedded3d": {
+        "data": {"spatial_dims": 3, "num_train": 20, "num_validation": 4, "num_test": 8, "num_labelled": 2},
+        "configs": ["train_3d.json"],
+        "bundle": {"roi_size": [64, 64, 32], "batch_size": 2, "pretrain_batch_size": 2},
+        "epochs": 20,
+        "arms": ["current", "feature_size_8_single", "feature_size_8_single_stride_2"],
+    },
+}
+
+
+def configs_for(task: str) -> list[str]:
+    return [TRAIN, *(str(CONFIGS / name) for name in TASKS[task].get("configs", []))]
 
 
 def datalist_for(task: str, split_seed: int) -> Path:
@@ -60,8 +81,9 @@ def datalist_for(task: str, split_seed: int) -> Path:
     from custom.data.phantoms import ensure_dataset
     from research.data.probes import split_datalist
 
-    full = ensure_dataset(WORK / task / "data", spatial_dims=2, labelled_fraction=1.0)
-    return split_datalist(full, spec["num_labelled"], split_seed)
+    generator = {k: v for k, v in spec["data"].items() if k != "num_labelled"}
+    full = ensure_dataset(WORK / task / "data", labelled_fraction=1.0, **generator)
+    return split_datalist(full, spec["data"]["num_labelled"], split_seed)
 
 
 def stage1(task: str, arm: str, split_seed: int, seed: int, shared: dict) -> tuple[Path, float]:
@@ -76,18 +98,18 @@ def stage1(task: str, arm: str, split_seed: int, seed: int, shared: dict) -> tup
         return root / "models" / "pretrain.pt", json.loads(record.read_text())["seconds"]
     shutil.rmtree(root, ignore_errors=True)
     start = time.perf_counter()
-    run("pretrain", config_file=[TRAIN, PRETRAIN], bundle_root=str(root), **shared, **network)
+    run("pretrain", config_file=[*configs_for(task), PRETRAIN], bundle_root=str(root), **shared, **network)
     seconds = round(time.perf_counter() - start, 1)
     record.write_text(json.dumps({"commit": commit(), "seconds": seconds}))
     return root / "models" / "pretrain.pt", seconds
 
 
-def evaluate(root: Path, split: str, overrides: dict) -> dict:
+def evaluate(task: str, root: Path, split: str, overrides: dict) -> dict:
     """``evaluate.json`` on ``split``: the report's metrics (per class mean, std, n)."""
     from monai.bundle import run
 
     out = root / f"eval_{split}"
-    configs = [TRAIN, EVALUATE]
+    configs = [*configs_for(task), EVALUATE]
     run("evaluate", config_file=configs, bundle_root=str(root), output_dir=str(out), eval_split=split, **overrides)
     return json.loads((out / "report" / "report.json").read_text())
 
@@ -105,24 +127,25 @@ def run_one(task: str, arm: str, split_seed: int, seed: int) -> dict:
         "config_dir": str(CONFIGS),
         "teacher_cache_dir": str(WORK / task / "teacher_cache"),
         "seed": seed,
-        "pretrain_epochs": EPOCHS,
-        "max_epochs": EPOCHS,
+        "pretrain_epochs": TASKS[task]["epochs"],
+        "max_epochs": TASKS[task]["epochs"],
+        **TASKS[task].get("bundle", {}),
     }
     checkpoint, stage1_seconds = stage1(task, arm, split_seed, seed, shared)
     overrides = {**shared, **ARMS[arm]["network"]}
     warm = datalist.with_suffix(".warm")
     if not warm.is_file():  # no timed stage 2 pays for encoding the unlabelled images
-        warm_teacher_cache([TRAIN], {"bundle_root": str(WORK / task), **shared})
+        warm_teacher_cache(configs_for(task), {"bundle_root": str(WORK / task), **shared})
         warm.touch()
     root = WORK / task / "runs" / f"{arm}_split{split_seed}_seed{seed}"
     shutil.rmtree(root, ignore_errors=True)
     (root / "models").mkdir(parents=True)
     shutil.copy(checkpoint, root / "models" / "pretrain.pt")
     start = time.perf_counter()
-    run("training", config_file=[TRAIN], bundle_root=str(root), **overrides, **ARMS[arm]["stage2"])
+    run("training", config_file=configs_for(task), bundle_root=str(root), **overrides, **ARMS[arm]["stage2"])
     stage2_seconds = round(time.perf_counter() - start, 1)
-    validation = evaluate(root, "validation", overrides)
-    test = evaluate(root, "test", overrides)
+    validation = evaluate(task, root, "validation", overrides)
+    test = evaluate(task, root, "test", overrides)
     result = {
         "task": task,
         "arm": arm,
@@ -187,14 +210,17 @@ def table(results_dir: Path = RESULTS) -> str:
     commits = sorted({json.loads(p.read_text())["commit"] for p in results_dir.glob("*/*.json")})
     lines += [
         "",
-        f"Stage 1 (both distillation paths) + stage 2 (UnCoL defaults), {EPOCHS} + {EPOCHS} epochs, "
+        "Stage 1 (both distillation paths) + stage 2 (UnCoL defaults) at each task's budget (embedded2d and "
+        "colin27 32 + 32 epochs, embedded3d 20 + 20), "
         f"commits {', '.join(commits) or '-'}. Pairs are (labelled subset, seed); each arm is paired with "
         '`current` on the pairs both have. "±" per class and on mean Dice: sample std over pairs; on a '
         "difference: its standard error; p: two-sided paired t-test. Validation: the same checkpoint on the "
         "validation split (what a choice may look at). Seconds: median wall time per stage with another "
         "run beside it, not a speed figure. `feature_size_8`: the decoder half as wide "
         "(`network_def#feature_size` 8); `_reuse_2`: stage 2 reuses the generalized teacher's output while "
-        "no box edge moved more than 2 pixels (`reuse_tolerance`). "
+        "no box edge moved more than 2 pixels (`reuse_tolerance`); `_single`: one convolution at full "
+        "resolution (`network_def#full_resolution`); `_stride_2`: in 3D the generalized teacher prompts "
+        "every other slice (`generalized_slice_stride`). "
         "Command: `python -m research.bench.switch_probe --task <task>`.",
     ]
     return "\n".join(lines)
@@ -211,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.report_only:
         for task in args.task or list(TASKS):
             for split_seed, seed in PAIR_ORDER[args.first_pair : args.pairs]:
-                for arm in args.arm or list(ARMS):
+                for arm in args.arm or TASKS[task]["arms"]:
                     result = run_one(task, arm, split_seed, seed)
                     print(f"{task} {arm} split {split_seed} seed {seed}: mean Dice {mean_dice(result):.3f}", flush=True)
     text = table()
