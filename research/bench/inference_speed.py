@@ -32,8 +32,18 @@ RESULT = ROOT / "research" / "results" / "inference_speed.json"
 
 #: dims -> (inputs, roi)
 SETTINGS = {2: ([16, 1, 192, 160], (128, 128)), 3: ([1, 1, 160, 160, 96], (64, 64, 32))}
-#: the student as train.json builds it (3 classes)
-STUDENT = {"in_channels": 1, "out_channels": 3, "hidden_size": 192, "mlp_dim": 768, "num_heads": 3, "feature_size": 16}
+
+
+def bundle_student() -> dict:
+    """The student as train.json builds it (its ``network_def`` settings; 1 channel in, 3 classes out)."""
+    from monai.bundle import ConfigParser
+
+    network = ConfigParser.load_config_file(str(ROOT / "bundle" / "configs" / "train.json"))["network_def"]
+    settings = {k: v for k, v in network.items() if k not in ("_target_", "spatial_dims", "out_channels")}
+    return {**settings, "in_channels": 1, "out_channels": 3}
+
+
+STUDENT = bundle_student()
 
 
 def parameters(network: torch.nn.Module) -> int:
@@ -129,8 +139,9 @@ def table(payload: dict) -> str:
     return "\n".join(lines)
 
 
-#: the rows ``--all`` measures: the bundle's student in 2D and 3D, and narrower decoders in 3D
-ROWS = [(2, {}), (3, {}), (3, {"feature_size": 8})]
+#: the rows ``--all`` measures: the bundle's student in 2D and 3D, and the cheaper decoders (issue 37)
+NARROW, SINGLE = {"feature_size": 8}, {"feature_size": 8, "full_resolution": "single"}
+ROWS = [(2, {}), (2, NARROW), (2, SINGLE), (3, {}), (3, NARROW), (3, SINGLE)]
 
 
 def main(argv: list[str] | None = None) -> None:
