@@ -41,6 +41,7 @@ NARROW = {"network_def#feature_size": 8}
 SINGLE = {**NARROW, "network_def#full_resolution": "single"}
 ARMS = {
     "current": {"network": {}, "stage2": {}},
+    "current_reuse_2": {"network": {}, "stage2": {"reuse_tolerance": 2.0}},
     "feature_size_8": {"network": NARROW, "stage2": {}},
     "feature_size_8_reuse_2": {"network": NARROW, "stage2": {"reuse_tolerance": 2.0}},
     "feature_size_8_single": {"network": SINGLE, "stage2": {}},
@@ -53,9 +54,9 @@ TASKS = {
     "embedded2d": {
         "data": {"spatial_dims": 2, "num_labelled": 6},
         "epochs": 32,
-        "arms": ["current", "feature_size_8", "feature_size_8_reuse_2"],
+        "arms": ["current", "feature_size_8", "feature_size_8_reuse_2", "current_reuse_2"],
     },
-    "colin27": {"task": "colin27", "fraction": 0.1, "epochs": 32, "arms": ["current", "feature_size_8"]},
+    "colin27": {"task": "colin27", "fraction": 0.1, "epochs": 32, "arms": ["current", "current_reuse_2"]},
     "embedded3d": {
         "data": {"spatial_dims": 3, "num_train": 20, "num_validation": 4, "num_test": 8, "num_labelled": 2},
         "configs": ["train_3d.json"],
