@@ -42,6 +42,7 @@ SINGLE = {**NARROW, "network_def#full_resolution": "single"}
 ARMS = {
     "current": {"network": {}, "stage2": {}},
     "current_reuse_2": {"network": {}, "stage2": {"reuse_tolerance": 2.0}},
+    "current_reuse_8": {"network": {}, "stage2": {"reuse_tolerance": 8.0}},
     "feature_size_8": {"network": NARROW, "stage2": {}},
     "feature_size_8_reuse_2": {"network": NARROW, "stage2": {"reuse_tolerance": 2.0}},
     "feature_size_8_single": {"network": SINGLE, "stage2": {}},
@@ -54,7 +55,7 @@ TASKS = {
     "embedded2d": {
         "data": {"spatial_dims": 2, "num_labelled": 6},
         "epochs": 32,
-        "arms": ["current", "feature_size_8", "feature_size_8_reuse_2", "current_reuse_2"],
+        "arms": ["current", "feature_size_8", "feature_size_8_reuse_2", "current_reuse_2", "current_reuse_8"],
     },
     "colin27": {"task": "colin27", "fraction": 0.1, "epochs": 32, "arms": ["current", "current_reuse_2"]},
     "embedded3d": {
@@ -115,6 +116,19 @@ def evaluate(task: str, root: Path, split: str, overrides: dict) -> dict:
     return json.loads((out / "report" / "report.json").read_text())
 
 
+def logged_means(folder: Path, tags: tuple[str, ...]) -> dict[str, float]:
+    """Mean over a training run of each scalar ``tag`` its TensorBoard events under ``folder`` hold."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[str, list[float]] = {tag: [] for tag in tags}
+    for events in sorted(folder.glob("events.out.tfevents.*")):
+        log = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        log.Reload()
+        for tag in set(tags) & set(log.Tags()["scalars"]):
+            values[tag] += [e.value for e in log.Scalars(tag)]
+    return {tag: round(statistics.fmean(v), 4) for tag, v in values.items() if v}
+
+
 def run_one(task: str, arm: str, split_seed: int, seed: int) -> dict:
     from monai.bundle import run
 
@@ -155,6 +169,8 @@ def run_one(task: str, arm: str, split_seed: int, seed: int) -> dict:
         "commit": commit(),
         "seconds": {"stage1": stage1_seconds, "stage2": stage2_seconds},
         "overrides": portable({**overrides, **ARMS[arm]["stage2"]}),
+        # the fraction of unlabelled images whose teacher output was reused, and where pseudo-labels came from
+        "stage2_log": logged_means(root / "eval", ("generalized_reused", "gate_from_generalized", "gate_kept")),
         "validation_metrics": validation["metrics"],
         "metrics": test["metrics"],
         "num_test_cases": test.get("num_cases"),
@@ -174,8 +190,8 @@ def table(results_dir: Path = RESULTS) -> str:
     lines = [
         "| task | arm | pairs | test Dice per class, mean ± sample std over pairs | mean Dice | "
         "arm − current, test (± SE) | higher on | p | arm − current, validation (± SE) | p | "
-        "stage 1 s | stage 2 s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "teacher output reused | stage 1 s | stage 2 s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for task in TASKS:
         runs = [json.loads(p.read_text()) for p in sorted((results_dir / task).glob("*.json"))]
@@ -203,9 +219,12 @@ def table(results_dir: Path = RESULTS) -> str:
             md = [mean_dice(r) for r in rs]
             spread = statistics.stdev(md) if len(md) > 1 else 0.0
             seconds = {s: statistics.median(r["seconds"][s] for r in rs) for s in ("stage1", "stage2")}
+            logs = [r.get("stage2_log", {}) for r in rs]
+            reused = [log["generalized_reused"] for log in logs if "generalized_reused" in log]
+            reuse = f"{statistics.fmean(reused):.0%}" if reused else ""
             lines.append(
                 f"| {task if first else ''} | {arm} | {len(pairs)} | {per_class} | {statistics.fmean(md):.3f} ± "
-                f"{spread:.3f} | {' | '.join(paired)} | {seconds['stage1']:.0f} | {seconds['stage2']:.0f} |"
+                f"{spread:.3f} | {' | '.join(paired)} | {reuse} | {seconds['stage1']:.0f} | {seconds['stage2']:.0f} |"
             )
             first = False
     commits = sorted({json.loads(p.read_text())["commit"] for p in results_dir.glob("*/*.json")})
@@ -216,10 +235,12 @@ def table(results_dir: Path = RESULTS) -> str:
         f"commits {', '.join(commits) or '-'}. Pairs are (labelled subset, seed); each arm is paired with "
         '`current` on the pairs both have. "±" per class and on mean Dice: sample std over pairs; on a '
         "difference: its standard error; p: two-sided paired t-test. Validation: the same checkpoint on the "
-        "validation split (what a choice may look at). Seconds: median wall time per stage with another "
-        "run beside it, not a speed figure. `feature_size_8`: the decoder half as wide "
+        "validation split (what a choice may look at). Teacher output reused: the fraction of unlabelled "
+        "images whose generalized-teacher output stage 2 served from memory (mean over its steps and the pairs). "
+        "Seconds: median wall time per stage with another run beside it, not a speed figure. "
+        "`feature_size_8`: the decoder half as wide "
         "(`network_def#feature_size` 8); `_reuse_2`: stage 2 reuses the generalized teacher's output while "
-        "no box edge moved more than 2 pixels (`reuse_tolerance`); `_single`: one convolution at full "
+        "no box edge moved more than 2 (8) pixels (`reuse_tolerance`, default 1); `_single`: one convolution at full "
         "resolution (`network_def#full_resolution`); `_stride_2`: in 3D the generalized teacher prompts "
         "every other slice (`generalized_slice_stride`). "
         "Command: `python -m research.bench.switch_probe --task <task>`.",

@@ -41,7 +41,7 @@ def test_table_pairs_each_arm_with_current_on_shared_pairs(tmp_path):
     mean, se, p = paired_t(diffs)
     cells = [c.strip() for c in rows["feature_size_8"]]
     assert cells[3] == "2" and cells[6] == f"{mean:+.3f} ± {se:.3f}" and cells[7] == "1 of 2" and cells[8] == f"{p:.3g}"
-    assert cells[9].startswith("+0.010") and cells[11:13] == ["150", "120"]
+    assert cells[9].startswith("+0.010") and cells[12:14] == ["150", "120"]
     assert [c.strip() for c in rows["current"]][3] == "3" and "feature_size_8_reuse_2" not in rows
     expected = statistics.fmean(statistics.fmean(v) for v in narrow.values())
     assert math.isclose(float(cells[5].split(" ± ")[0]), expected, abs_tol=5e-4)
