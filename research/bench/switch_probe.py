@@ -116,6 +116,11 @@ def evaluate(task: str, root: Path, split: str, overrides: dict) -> dict:
     return json.loads((out / "report" / "report.json").read_text())
 
 
+#: stage 2's logged scalars a run keeps the mean of: the fraction of unlabelled images whose teacher output
+#: was reused, the fraction of pseudo-labels from the generalized teacher, the fraction kept by the gate
+STAGE2_LOG = ("generalized_reused", "gate_from_generalized", "gate_kept")
+
+
 def logged_means(folder: Path, tags: tuple[str, ...]) -> dict[str, float]:
     """Mean over a training run of each scalar ``tag`` its TensorBoard events under ``folder`` hold."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -133,8 +138,13 @@ def run_one(task: str, arm: str, split_seed: int, seed: int) -> dict:
     from monai.bundle import run
 
     out = RESULTS / task / f"{arm}_split{split_seed}_seed{seed}.json"
+    root = WORK / task / "runs" / f"{arm}_split{split_seed}_seed{seed}"
     if out.is_file():
-        return json.loads(out.read_text())
+        result = json.loads(out.read_text())
+        if "stage2_log" not in result and (root / "eval").is_dir():  # a run from before the log was read
+            result["stage2_log"] = logged_means(root / "eval", STAGE2_LOG)
+            out.write_text(json.dumps(result, indent=2))
+        return result
     datalist = datalist_for(task, split_seed)
     shared = {
         "use_embedded_data": False,
@@ -152,7 +162,6 @@ def run_one(task: str, arm: str, split_seed: int, seed: int) -> dict:
     if not warm.is_file():  # no timed stage 2 pays for encoding the unlabelled images
         warm_teacher_cache(configs_for(task), {"bundle_root": str(WORK / task), **shared})
         warm.touch()
-    root = WORK / task / "runs" / f"{arm}_split{split_seed}_seed{seed}"
     shutil.rmtree(root, ignore_errors=True)
     (root / "models").mkdir(parents=True)
     shutil.copy(checkpoint, root / "models" / "pretrain.pt")
@@ -169,8 +178,7 @@ def run_one(task: str, arm: str, split_seed: int, seed: int) -> dict:
         "commit": commit(),
         "seconds": {"stage1": stage1_seconds, "stage2": stage2_seconds},
         "overrides": portable({**overrides, **ARMS[arm]["stage2"]}),
-        # the fraction of unlabelled images whose teacher output was reused, and where pseudo-labels came from
-        "stage2_log": logged_means(root / "eval", ("generalized_reused", "gate_from_generalized", "gate_kept")),
+        "stage2_log": logged_means(root / "eval", STAGE2_LOG),
         "validation_metrics": validation["metrics"],
         "metrics": test["metrics"],
         "num_test_cases": test.get("num_cases"),
