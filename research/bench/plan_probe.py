@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
-import statistics
 import time
 from pathlib import Path
 
+from research.bench.paired import PAIR_ORDER, mean_dice, mean_dice_spread, paired_t, per_class
 from research.bench.report import replace_section
 from research.bench.sweep import CONFIGS, EVALUATE, PRETRAIN, ROOT, TRAIN, commit, portable
 
@@ -38,8 +37,6 @@ DEFAULTS = {
     2: {"pixdim": [1.0, 1.0], "roi_size": [128, 128], "normalisation": "zscore", "pretrain_batch_size": 6},
     3: {"pixdim": [1.25, 1.25, 2.0], "roi_size": [96, 96, 64], "normalisation": "zscore", "pretrain_batch_size": 6},
 }
-#: pairs are (split seed, seed): split seeds first, so that 4 pairs are 2 labelled subsets x 2 seeds
-PAIR_ORDER = [(0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (2, 1), (0, 2), (1, 2), (2, 2)]
 #: stage 1 budget: 24 epochs of 25 iterations, where full supervision's validation Dice levels off on
 #: macaque and the embedded 2D phantoms (research/results/real/learning_curve_*.json: flat from ~epoch 23).
 #: aniso3d: 8 epochs of batch 2, short of a plateau: the defaults arm pads every volume to 96x96x64 and
@@ -140,22 +137,6 @@ def run_one(probe: str, arm: str, split_seed: int, seed: int) -> dict:
     return result
 
 
-def mean_dice(result: dict) -> float:
-    return statistics.fmean(v["mean"] for v in result["metrics"]["test_dice"].values())
-
-
-def paired_t(diffs: list[float]) -> tuple[float, float, float]:
-    """Mean, standard error and two-sided p of a paired t-test on ``diffs``."""
-    from scipy import stats
-
-    mean = statistics.fmean(diffs)
-    if len(diffs) < 2:
-        return mean, math.nan, math.nan
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
-    p = float(stats.ttest_1samp(diffs, 0.0).pvalue) if se > 0 else (0.0 if mean else 1.0)
-    return mean, se, p
-
-
 def x(values) -> str:
     return " × ".join(f"{v:g}" for v in values)
 
@@ -187,20 +168,11 @@ def table(results_dir: Path = RESULTS) -> str:
             data = f"{x(fp['median_shape'])} at {x(fp['median_spacing'])} mm"
             rs = [by_arm[arm][k] for k in pairs]
             plan = rs[0]["plan"]
-            classes = list(rs[0]["metrics"]["test_dice"])
-            per_class = ", ".join(
-                f"{c} {statistics.fmean(r['metrics']['test_dice'][c]['mean'] for r in rs):.3f} ± "
-                f"{statistics.stdev([r['metrics']['test_dice'][c]['mean'] for r in rs]) if len(rs) > 1 else 0:.3f}"
-                for c in classes
-            )
-            md = [mean_dice(r) for r in rs]
-            spread = statistics.stdev(md) if len(md) > 1 else 0.0
             head = f"{probe} ({data})" if first else ""
             first = False
             lines.append(
                 f"| {head} | {arm} | {len(pairs)} | {x(plan['pixdim'])} | {x(plan['roi_size'])} | "
-                f"{plan['normalisation']['kind']} | {per_class} | {statistics.fmean(md):.3f} ± {spread:.3f} | "
-                f"{' | '.join(paired)} |"
+                f"{plan['normalisation']['kind']} | {per_class(rs)} | {mean_dice_spread(rs)} | {' | '.join(paired)} |"
             )
     commits = sorted({json.loads(p.read_text())["commit"] for p in results_dir.glob("*/*.json")})
     lines += [

@@ -29,7 +29,7 @@ import statistics
 import time
 from pathlib import Path
 
-from research.bench.plan_probe import PAIR_ORDER, mean_dice, paired_t
+from research.bench.paired import PAIR_ORDER, mean_dice, mean_dice_spread, paired_t, per_class
 from research.bench.report import replace_section
 from research.bench.sweep import CONFIGS, EVALUATE, PRETRAIN, ROOT, TRAIN, commit, portable, warm_teacher_cache
 
@@ -191,7 +191,7 @@ def run_one(task: str, arm: str, split_seed: int, seed: int) -> dict:
 
 
 def validation_dice(result: dict) -> float:
-    return statistics.fmean(v["mean"] for v in result["validation_metrics"]["test_dice"].values())
+    return mean_dice(result, "validation_metrics")
 
 
 def table(results_dir: Path = RESULTS) -> str:
@@ -218,21 +218,13 @@ def table(results_dir: Path = RESULTS) -> str:
                 (tm, tse, tp), (vm, vse, vp) = paired_t(test_diffs), paired_t(val_diffs)
                 wins = f"{sum(d > 0 for d in test_diffs)} of {len(pairs)}"
                 paired = [f"{tm:+.3f} ± {tse:.3f}", wins, f"{tp:.3g}", f"{vm:+.3f} ± {vse:.3f}", f"{vp:.3g}"]
-            classes = list(rs[0]["metrics"]["test_dice"])
-            per_class = ", ".join(
-                f"{c} {statistics.fmean(r['metrics']['test_dice'][c]['mean'] for r in rs):.3f} ± "
-                f"{statistics.stdev([r['metrics']['test_dice'][c]['mean'] for r in rs]) if len(rs) > 1 else 0:.3f}"
-                for c in classes
-            )
-            md = [mean_dice(r) for r in rs]
-            spread = statistics.stdev(md) if len(md) > 1 else 0.0
             seconds = {s: statistics.median(r["seconds"][s] for r in rs) for s in ("stage1", "stage2")}
             logs = [r.get("stage2_log", {}) for r in rs]
             reused = [log["generalized_reused"] for log in logs if "generalized_reused" in log]
             reuse = f"{statistics.fmean(reused):.0%}" if reused else ""
             lines.append(
-                f"| {task if first else ''} | {arm} | {len(pairs)} | {per_class} | {statistics.fmean(md):.3f} ± "
-                f"{spread:.3f} | {' | '.join(paired)} | {reuse} | {seconds['stage1']:.0f} | {seconds['stage2']:.0f} |"
+                f"| {task if first else ''} | {arm} | {len(pairs)} | {per_class(rs)} | {mean_dice_spread(rs)} | "
+                f"{' | '.join(paired)} | {reuse} | {seconds['stage1']:.0f} | {seconds['stage2']:.0f} |"
             )
             first = False
     commits = sorted({json.loads(p.read_text())["commit"] for p in results_dir.glob("*/*.json")})

@@ -4,7 +4,7 @@ import json
 import math
 import statistics
 
-from research.bench.plan_probe import paired_t
+from research.bench.paired import paired_t
 from research.bench.switch_probe import table
 
 
