@@ -11,7 +11,7 @@ Tasks: ``embedded2d`` (the 128x128 phantoms, 60 training cases of which the spli
 ``colin27`` (real MRI slices at 10 %, research/data/real_brain.py; the split seed picks the labelled
 slices), sizes from the bundle's plan as for a user; and ``embedded3d`` (the 160x160x96 phantoms, 20
 training volumes of which the split seed labels 2, the sweep's ``3d_patch`` setting: 64x64x32 patches,
-batch 2, 20 + 20 epochs).
+batch 2, 20 + 20 epochs), where the full-resolution level and the teacher's slices cost most.
 
     python -m research.bench.switch_probe --task embedded2d [--pairs 4] [--arm feature_size_8] [--report-only]
 
@@ -38,15 +38,15 @@ WORK = ROOT / "research" / "work" / "switch_probe"
 
 #: each arm: the student it trains (overrides of both stages) and its stage 2 overrides
 NARROW = {"network_def#feature_size": 8}
-SINGLE = {**NARROW, "network_def#full_resolution": "single"}
+SINGLE = {"network_def#full_resolution": "single"}
 ARMS = {
     "current": {"network": {}, "stage2": {}},
     "current_reuse_2": {"network": {}, "stage2": {"reuse_tolerance": 2.0}},
     "current_reuse_8": {"network": {}, "stage2": {"reuse_tolerance": 8.0}},
     "feature_size_8": {"network": NARROW, "stage2": {}},
     "feature_size_8_reuse_2": {"network": NARROW, "stage2": {"reuse_tolerance": 2.0}},
-    "feature_size_8_single": {"network": SINGLE, "stage2": {}},
-    "feature_size_8_single_stride_2": {"network": SINGLE, "stage2": {"generalized_slice_stride": 2}},
+    "single": {"network": SINGLE, "stage2": {}},
+    "single_stride_2": {"network": SINGLE, "stage2": {"generalized_slice_stride": 2}},
 }
 BASELINE = "current"
 #: per task: its data, the configs layered on train.json, bundle overrides, epochs per stage (the sweep's
@@ -63,7 +63,7 @@ TASKS = {
         "configs": ["train_3d.json"],
         "bundle": {"roi_size": [64, 64, 32], "batch_size": 2, "pretrain_batch_size": 2},
         "epochs": 20,
-        "arms": ["current", "feature_size_8_single", "feature_size_8_single_stride_2"],
+        "arms": ["current", "single", "single_stride_2"],
     },
 }
 
