@@ -140,8 +140,8 @@ def table(payload: dict) -> str:
 
 
 #: the rows ``--all`` measures: the bundle's student in 2D and 3D, and the cheaper decoders (issue 37)
-NARROW, SINGLE = {"feature_size": 8}, {"feature_size": 8, "full_resolution": "single"}
-ROWS = [(2, {}), (2, NARROW), (2, SINGLE), (3, {}), (3, NARROW), (3, SINGLE)]
+NARROW, SINGLE = {"feature_size": 8}, {"full_resolution": "single"}
+ROWS = [(2, {}), (2, SINGLE), (2, NARROW), (3, {}), (3, SINGLE), (3, NARROW), (3, {**NARROW, **SINGLE})]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -240,8 +240,8 @@ def table(results_dir: Path = RESULTS) -> str:
         "Seconds: median wall time per stage with another run beside it, not a speed figure. "
         "`feature_size_8`: the decoder half as wide "
         "(`network_def#feature_size` 8); `_reuse_2`: stage 2 reuses the generalized teacher's output while "
-        "no box edge moved more than 2 (8) pixels (`reuse_tolerance`, default 1); `_single`: one convolution at full "
-        "resolution (`network_def#full_resolution`); `_stride_2`: in 3D the generalized teacher prompts "
+        "no box edge moved more than 2 (8) pixels (`reuse_tolerance`, default 1); `single`: one convolution at "
+        "full resolution (`network_def#full_resolution`); `_stride_2`: in 3D the generalized teacher prompts "
         "every other slice (`generalized_slice_stride`). "
         "Command: `python -m research.bench.switch_probe --task <task>`.",
     ]
