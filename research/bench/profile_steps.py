@@ -241,8 +241,10 @@ def case_parser(case: str, warm_up: int, steps: int, root: Path, extra: dict | N
 
 def profile_case(case: str, warm_up: int, steps: int, top_ops: int = 0, extra: dict | None = None) -> dict:
     spec = CASES[case]
-    root = WORK / case
-    # stage 2 needs a stage 1 checkpoint: the bundle trains a one-epoch stage 1 first, which is kept
+    # stage 2 needs a stage 1 checkpoint: the bundle trains a one-epoch stage 1 first, which is kept, one
+    # per student (the bundle refuses a checkpoint of another network)
+    network = sorted((k.split("#")[1], v) for k, v in (extra or {}).items() if k.startswith("network_def#"))
+    root = WORK / "_".join([case, *(f"{k}_{v}" for k, v in network)])
     if spec["stage"] == 1:
         shutil.rmtree(root, ignore_errors=True)
     else:
