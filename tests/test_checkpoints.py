@@ -247,6 +247,8 @@ def test_a_network_recorded_before_full_resolution_existed_is_the_blocks_student
     old = tmp_path / "old.pt"
     torch.save({"record": {"spatial_dims": 2, "num_classes": 3, "network": network}}, old)
     assert recorded_network(old)["full_resolution"] == "blocks"
+    with pytest.raises(SystemExit, match=r"^error: .*absent\.pt: checkpoint file does not exist$"):
+        recorded_network(tmp_path / "absent.pt")  # evaluation names the missing file, not a missing field
     TrainingRecord(UnCoLStudent(2, **tiny)).check(old)  # the student those checkpoints were
     with pytest.raises(SystemExit, match=r"old\.pt: network full_resolution blocks here single$"):
         TrainingRecord(UnCoLStudent(2, full_resolution="single", **tiny)).check(old)

@@ -287,6 +287,8 @@ def recorded_value(path: str | Path, key: str, default: object = None, missing: 
 def recorded_network(path: str | Path, default: Mapping | None = None) -> dict:
     """The student architecture a checkpoint's record names (:func:`describe_network`), with attributes
     added since it was written at the value it was trained with; ``default`` while there is no file."""
+    if default is None and not Path(path).is_file():
+        raise SystemExit(f"error: {path}: checkpoint file does not exist")
     network = recorded_value(path, "network", default=default)
     return {**NETWORK_ATTRIBUTES_ADDED, **network}
 
