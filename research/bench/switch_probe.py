@@ -57,7 +57,7 @@ TASKS = {
         "epochs": 32,
         "arms": ["current", "feature_size_8", "feature_size_8_reuse_2", "current_reuse_2", "current_reuse_8"],
     },
-    "colin27": {"task": "colin27", "fraction": 0.1, "epochs": 32, "arms": ["current", "current_reuse_2"]},
+    "colin27": {"task": "colin27", "fraction": 0.1, "epochs": 32, "arms": ["current", "current_reuse_8"]},
     "embedded3d": {
         "data": {"spatial_dims": 3, "num_train": 20, "num_validation": 4, "num_test": 8, "num_labelled": 2},
         "configs": ["train_3d.json"],
