@@ -189,6 +189,8 @@ def test_own_3d_volumes_of_mixed_sizes_train_and_infer(tmp_path, monkeypatch):
         "gate": "quantile",  # class-wise quantiles: keep_start (0.5) of each class's voxels at the start
         "disagreement": "mask",
         "class_guard": "prior",  # where the labelled class shares expect a class, only it is supervised
+        "copy_paste": "bidirectional",  # labelled and unlabelled patches mixed both ways (non-cubic 3D boxes)
+        "feature_dropout": 0.5,
         **TINY_RUN,
         "max_epochs": 1,
         "pretrain_epochs": 1,

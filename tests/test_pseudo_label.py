@@ -48,6 +48,17 @@ def test_generalized_only_and_abstention_prefers_the_other_teacher():
         EntropyGate("three")
 
 
+def test_soft_gate_weights_every_voxel_by_one_minus_its_normalised_entropy():
+    """4 classes: a certain voxel weighs 1, a uniform one 0, the rest in between; nothing is cut."""
+    spec = _probs([1.0, 0.0, 0.0, 0.0], [0.25] * 4, [0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.4, 0.4])
+    result = EntropyGate("specialized", "soft")(spec, None, threshold=0.0)  # the threshold is not read
+    expected = 1.0 - shannon_entropy(spec) / math.log(4)
+    assert torch.allclose(result.mask, expected.clamp(0, 1), atol=1e-6)
+    assert result.mask.flatten()[0] == pytest.approx(1.0) and result.mask.flatten()[1] == pytest.approx(0.0, abs=1e-6)
+    assert 0.0 < float(result.mask.flatten()[2]) < 1.0 and result.pseudo_label.flatten()[3] in (2, 3)
+    assert result.stats()["gate_kept"] == pytest.approx(float(expected.mean()), abs=1e-6)  # the mean weight
+
+
 def test_pseudo_loss_only_sees_gated_voxels():
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 8, 8, requires_grad=True)

@@ -413,6 +413,70 @@ def test_nesting_reads_which_class_lies_inside_which_off_the_labelled_batch():
     assert seen["parents"] == [None, None, 1] and step.parents == [None, None, 1]
 
 
+def test_copy_paste_trains_the_student_on_both_mixes_with_ground_truth_in_the_labelled_box():
+    """The student's batch: the 2 labelled images, then 2 inward and 2 outward mixes; the pseudo-label
+    loss sees the labelled targets (weight 1) where the labelled image shows, the EMA teacher's gated
+    pseudo-label of the flipped view elsewhere."""
+    from custom.engines.copy_paste import BidirectionalCopyPaste, random_boxes
+
+    trainer, step, ema, batch, seen, inputs = _step_setup()
+    step.set_schedule("entropy_threshold", 0.9)
+    step.copy_paste = BidirectionalCopyPaste(ratio=0.5, seed=7)
+    trainer.run()
+    images, labels = batch["labelled"]["image"], batch["labelled"]["label"]
+    student = inputs[0]
+    assert student.shape[0] == 2 + 4 and torch.equal(student[:2], images)
+    box = random_boxes((2, 1, 32, 32), 0.5, torch.Generator().manual_seed(7))
+    from_labelled = torch.cat([box, ~box])
+    assert torch.equal(student[2:][from_labelled], torch.cat([images, images])[from_labelled])
+    assert torch.equal(seen["pseudo"][from_labelled], torch.cat([labels, labels])[from_labelled])
+    assert bool((seen["mask"][from_labelled] == 1).all())
+    view = torch.where(from_labelled, 0, student[2:])  # where the unlabelled (flipped) view shows
+    with torch.no_grad():
+        expected = torch.softmax(ema(view), 1)  # the pixelwise teacher labels each pixel on its own
+    entropy = -(expected * expected.clamp_min(1e-8).log()).sum(1, keepdim=True)
+    assert torch.equal(seen["pseudo"][~from_labelled], expected.argmax(1, keepdim=True)[~from_labelled])
+    assert torch.equal(seen["mask"][~from_labelled], (entropy < 0.9).float()[~from_labelled])
+
+
+def test_feature_dropout_reaches_the_decoder_for_the_unlabelled_rows_only():
+    from custom.engines.uncol import drop_channels
+
+    trainer, step, ema, batch, seen, inputs = _step_setup()
+    step.set_schedule("entropy_threshold", 0.9)
+    step.feature_dropout = 0.5
+    encoded, decoded = [], []
+    encode, decode = trainer.network.forward_features, trainer.network.decode
+    trainer.network.forward_features = lambda x: (encoded.append(encode(x)), encoded[-1])[1]
+    trainer.network.decode = lambda feats: (decoded.append(feats), decode(feats))[1]
+    trainer.run()
+    for name, x in decoded[0].items():
+        clean = encoded[0][name]
+        assert torch.equal(x[:2], clean[:2]), name  # the labelled rows reach the decoder as encoded
+        per_channel = x[2:].flatten(2).abs().amax(2)
+        dropped = per_channel == 0
+        assert bool(dropped.any()) and bool((~dropped).any()), name  # whole channels dropped, not all
+        kept = ~dropped[..., None].expand_as(x[2:].flatten(2))
+        assert torch.allclose(x[2:].flatten(2)[kept], 2 * clean[2:].flatten(2)[kept]), name  # the rest scaled
+    rows = {"a": torch.ones(3, 8, 4, 4, 4)}
+    out = drop_channels(rows, 1, 0.5)["a"]
+    assert torch.equal(out[:1], rows["a"][:1])  # rows before ``first`` untouched
+    assert set(out[1:].unique().tolist()) <= {0.0, 2.0}  # the rest dropped or scaled by 1 / (1 - rate)
+
+
+def test_the_soft_gate_needs_no_threshold_and_weights_the_pseudo_labels():
+    from custom.losses.pseudo_label import EntropyGate
+
+    trainer, step, ema, batch, seen, inputs = _step_setup()
+    step.gate = EntropyGate("specialized", "soft")
+    trainer.run()
+    with torch.no_grad():
+        expected = torch.softmax(ema(inputs[0][2:]), 1)
+    entropy = -(expected * expected.clamp_min(1e-8).log()).sum(1, keepdim=True)
+    assert torch.allclose(seen["mask"], 1 - entropy / math.log(3), atol=1e-6)
+    assert "gate_entropy_threshold" not in trainer.state.output[0]
+
+
 GATES = [("entropy", "entropy_threshold", 0.9), ("quantile", "keep_fraction", 0.5)]
 
 

@@ -13,12 +13,14 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from ignite.engine import Engine
 from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 from torch.profiler import record_function
 
+from custom.engines.copy_paste import BidirectionalCopyPaste
 from custom.losses.distillation import SemanticDistillationLoss, VisualDistillationLoss
 from custom.losses.pseudo_label import EntropyGate, GateResult, border_class_counts, nested_parents
 from custom.teachers.cache import image_key
@@ -86,6 +88,17 @@ def every_kth_slice(prompts: Prompts, slices: int, stride: int, offset: int) -> 
     keep = (torch.arange(len(prompts.valid), device=prompts.valid.device) % slices) % stride == offset
     components = None if prompts.components is None else prompts.components & keep[:, None, None]
     return Prompts(prompts.valid & keep[:, None], prompts.boxes, prompts.points, components)
+
+
+def drop_channels(feats: dict[str, torch.Tensor], first: int, rate: float) -> dict[str, torch.Tensor]:
+    """``feats`` with whole channels of the samples from ``first`` on zeroed at ``rate`` (the others scaled
+    by ``1 / (1 - rate)``), the samples before ``first`` untouched: a feature-level perturbation of the
+    unlabelled rows (UniMatch's channel dropout), so the decoder must work from part of the encoding."""
+    out = {}
+    for name, x in feats.items():
+        dropout = F.dropout3d if x.ndim == 5 else F.dropout2d
+        out[name] = torch.cat([x[:first], dropout(x[first:], rate, training=True)])
+    return out
 
 
 def _plain(x) -> torch.Tensor:
@@ -288,6 +301,13 @@ class SemiSupervisedIteration:
             volume (from a random offset each step); the others get no prompt, so its uniform abstention
             leaves them to the specialized teacher. Its mask decoder, slice by slice, is most of a 3D
             step: a stride of k divides that cost by k. 1: every slice.
+        copy_paste: when given, the student sees each unlabelled view mixed both ways with a labelled
+            patch (:class:`~custom.engines.copy_paste.BidirectionalCopyPaste`) instead of the view alone,
+            supervised by the ground truth where a voxel came from the labelled patch and by the gated
+            pseudo-label elsewhere (both under ``lambda_u``); the student's batch grows by the
+            unlabelled batch size.
+        feature_dropout: rate of channel dropout on the encoder features of the unlabelled rows before
+            the decoder (0: off), a feature-level perturbation beside the strong view's image-level one.
     """
 
     #: the scheduled values a step reads: the entropy gate's threshold (nats), the quantile gate's kept
@@ -307,11 +327,15 @@ class SemiSupervisedIteration:
         reuse_tolerance: float = 0.0,
         context_key: str | None = "image_context",
         slice_stride: int = 1,
+        copy_paste: BidirectionalCopyPaste | None = None,
+        feature_dropout: float = 0.0,
     ) -> None:
         if gate.teachers != "specialized" and generalized is None:
             raise ValueError(f"teachers={gate.teachers!r} needs the generalized teacher")
         if slice_stride < 1:
             raise ValueError(f"slice_stride must be at least 1, got {slice_stride}")
+        if not 0.0 <= feature_dropout < 1.0:
+            raise ValueError(f"feature_dropout must be in [0, 1), got {feature_dropout}")
         self.gate = gate
         self.pseudo_loss = pseudo_loss
         self.specialized = specialized
@@ -323,6 +347,8 @@ class SemiSupervisedIteration:
         self.reuse_tolerance = reuse_tolerance
         self.context_key = context_key
         self.slice_stride = slice_stride
+        self.copy_paste = copy_paste
+        self.feature_dropout = feature_dropout
         self._generalized_memo: dict[str, tuple[Prompts, torch.Tensor]] = {}
         #: divides the EMA teacher's logits before its softmax (set by ``TeacherCalibration``; 1: off)
         self.specialized_temperature = 1.0
@@ -576,6 +602,8 @@ class SemiSupervisedIteration:
             strong, pseudo, mask = random_flip_rot90(
                 [strong, gated.pseudo_label.float(), gated.mask], generator=self.generator
             )
+            if self.copy_paste is not None:
+                strong, pseudo, mask = self.copy_paste(_plain(images), _plain(labels), strong, pseudo, mask)[:3]
 
         engine.state.output = output = {Keys.IMAGE: images, Keys.LABEL: labels}
         engine.network.train()
@@ -585,7 +613,8 @@ class SemiSupervisedIteration:
             n = len(images)
             with record_function("uncol/student_forward"):
                 feats = engine.network.forward_features(torch.cat([images, strong]))
-                logits = engine.network.decode(feats)
+                perturbed = drop_channels(feats, len(images), self.feature_dropout) if self.feature_dropout else feats
+                logits = engine.network.decode(perturbed)
             output[Keys.PRED] = logits[:n]
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             with record_function("uncol/losses"):

@@ -6,7 +6,9 @@ are supervised. The gate's cut is one of two schedules (:mod:`custom.handlers.ra
 ``gate="entropy"`` (UA-MT's rule) the ``entropy_threshold``, in nats, under which a voxel is kept; with
 ``gate="quantile"`` the ``keep_fraction`` of each pseudo-class's voxels kept, those of lowest entropy
 in the batch (self-adaptive: informative for any number of classes and however confident the
-teachers are). Where the teachers disagree on the class, ``disagreement="mask"`` drops the voxel
+teachers are); with ``gate="soft"`` no voxel is cut: each is weighted by its reliability, one minus
+its entropy over ``ln C`` (UPCoL's soft weighting), so an uncertain voxel counts for less instead of
+nothing. Where the teachers disagree on the class, ``disagreement="mask"`` drops the voxel
 instead of letting the lower entropy decide.
 
 ``guard="prior"`` keeps a class the teachers miss from being unlearned: when neither teacher labels a
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from monai.losses import MaskedDiceLoss
 
 TEACHER_MODES = ("both", "specialized", "generalized")
-GATE_MODES = ("entropy", "quantile", "none")
+GATE_MODES = ("entropy", "quantile", "soft", "none")
 DISAGREEMENT_MODES = ("entropy", "mask")
 GUARD_MODES = ("none", "prior")
 NESTING_MODES = ("none", "labelled")
@@ -128,7 +130,7 @@ def shannon_entropy(probs: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> tor
 @dataclass
 class GateResult:
     pseudo_label: torch.Tensor  # (B, 1, *S) class indices
-    mask: torch.Tensor  # (B, 1, *S) float, 1 where supervised
+    mask: torch.Tensor  # (B, 1, *S) float, 1 where supervised (a weight in [0, 1] with the soft gate)
     from_generalized: torch.Tensor  # (B, 1, *S) bool, where the generalized teacher supplied the label
     entropy: torch.Tensor  # (B, 1, *S) entropy of the chosen teacher
     guarded: torch.Tensor | None = None  # (B, 1, *S) bool, voxels the class guard took out (None: no guard)
@@ -156,7 +158,8 @@ class EntropyGate:
         teachers: ``both`` (UnCoL), ``specialized`` (Mean Teacher with the same gate) or ``generalized``.
         gate: ``entropy`` (keep voxels whose chosen entropy is under the call's ``threshold``, an entropy),
             ``quantile`` (the call's ``threshold`` is the fraction of each pseudo-class's voxels kept, those
-            of lowest entropy) or ``none`` (keep all).
+            of lowest entropy), ``soft`` (keep all, weighted by ``1 - entropy / ln C``; no threshold) or
+            ``none`` (keep all).
         disagreement: with both teachers, where their classes differ: ``entropy`` (the lower entropy
             decides, then the gate) or ``mask`` (not supervised).
         guard: ``prior``: where the EMA teacher's probability of a class is among the highest that the
@@ -208,6 +211,8 @@ class EntropyGate:
             mask = (entropy < threshold).float()
         elif self.gate == "quantile":
             mask = classwise_quantile_mask(entropy, pseudo_label, threshold)
+        elif self.gate == "soft":
+            mask = (1.0 - entropy / math.log(probs.shape[1])).clamp(0.0, 1.0)
         else:
             mask = torch.ones_like(entropy)
         if self.teachers == "both" and self.disagreement == "mask":
