@@ -8,7 +8,8 @@ Each section comes from the script that measures it (its ``--report-only`` path 
 ``gate_audit_<setting>.json`` (gate_audit.py), the learning-curve, zero-shot and split sections from
 ``real/`` (real_report.py), ``component-audit`` (component_audit.py), ``patch-memory`` (patch_memory.py),
 ``fresh-clone`` (fresh_clone.py), ``plan-probes`` (plan_probe.py), ``step-profile`` (profile_steps.py),
-``inference-speed`` (inference_speed.py), ``switch-probes`` (switch_probe.py), ``run-cost`` (run_cost.py) and
+``inference-speed`` (inference_speed.py), ``switch-probes`` (switch_probe.py), ``method-sweep``
+(method_sweep.py), ``run-cost`` (run_cost.py) and
 ``uncol-summary`` (summary.py, which also writes README.md's copy).
 No training runs. research/tests/test_generated.py rebuilds the pages this way and fails on any
 difference, and on any marked section no generator writes.
@@ -27,6 +28,7 @@ from research.bench import (
     fresh_clone,
     gate_audit,
     inference_speed,
+    method_sweep,
     patch_memory,
     plan_probe,
     profile_steps,
@@ -63,6 +65,8 @@ def results_sections(results: Path = RESULTS) -> dict[str, Callable[[], str]]:
         sections["run-cost"] = lambda: run_cost.table(json.loads((results / "run_cost.json").read_text()))
     if (results / "switch_probe").is_dir():
         sections["switch-probes"] = lambda: switch_probe.table(results / "switch_probe")
+    if (results / "method_sweep").is_dir():
+        sections[method_sweep.SECTION] = lambda: method_sweep.table(results / "method_sweep")
     if (results / "inference_speed.json").is_file():
         speed = results / "inference_speed.json"
         sections["inference-speed"] = lambda: inference_speed.table(json.loads(speed.read_text()))

@@ -23,15 +23,13 @@ the run (two runs in parallel on 2 cores): speed ratios come from the timing ben
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import statistics
-import time
 from pathlib import Path
 
 from research.bench.paired import PAIR_ORDER, mean_dice, mean_dice_spread, paired_t, per_class
+from research.bench.paired_runs import Arm, PairedRuns
 from research.bench.report import replace_section
-from research.bench.sweep import CONFIGS, EVALUATE, PRETRAIN, ROOT, TRAIN, commit, portable, warm_teacher_cache
+from research.bench.sweep import ROOT
 
 RESULTS = ROOT / "research" / "results" / "switch_probe"
 WORK = ROOT / "research" / "work" / "switch_probe"
@@ -40,13 +38,13 @@ WORK = ROOT / "research" / "work" / "switch_probe"
 NARROW = {"network_def#feature_size": 8}
 SINGLE = {"network_def#full_resolution": "single"}
 ARMS = {
-    "current": {"network": {}, "stage2": {}},
-    "current_reuse_2": {"network": {}, "stage2": {"reuse_tolerance": 2.0}},
-    "current_reuse_8": {"network": {}, "stage2": {"reuse_tolerance": 8.0}},
-    "feature_size_8": {"network": NARROW, "stage2": {}},
-    "feature_size_8_reuse_2": {"network": NARROW, "stage2": {"reuse_tolerance": 2.0}},
-    "single": {"network": SINGLE, "stage2": {}},
-    "single_stride_2": {"network": SINGLE, "stage2": {"generalized_slice_stride": 2}},
+    "current": Arm(),
+    "current_reuse_2": Arm(stage2={"reuse_tolerance": 2.0}),
+    "current_reuse_8": Arm(stage2={"reuse_tolerance": 8.0}),
+    "feature_size_8": Arm(network=NARROW),
+    "feature_size_8_reuse_2": Arm(network=NARROW, stage2={"reuse_tolerance": 2.0}),
+    "single": Arm(network=SINGLE),
+    "single_stride_2": Arm(network=SINGLE, stage2={"generalized_slice_stride": 2}),
 }
 BASELINE = "current"
 #: per task: its data, the configs layered on train.json, bundle overrides, epochs per stage (the sweep's
@@ -66,128 +64,7 @@ TASKS = {
         "arms": ["current", "single", "single_stride_2"],
     },
 }
-
-
-def configs_for(task: str) -> list[str]:
-    return [TRAIN, *(str(CONFIGS / name) for name in TASKS[task].get("configs", []))]
-
-
-def datalist_for(task: str, split_seed: int) -> Path:
-    """The task's datalist with the labelled cases drawn by ``split_seed``."""
-    spec = TASKS[task]
-    if "task" in spec:
-        from research.data.real_brain import prepare
-
-        out = WORK / task / "data" / f"split{split_seed}"
-        return prepare(out, spec["task"], labelled_fraction=spec["fraction"], seed=split_seed)
-    from custom.data.phantoms import ensure_dataset
-    from research.data.probes import split_datalist
-
-    generator = {k: v for k, v in spec["data"].items() if k != "num_labelled"}
-    full = ensure_dataset(WORK / task / "data", labelled_fraction=1.0, **generator)
-    return split_datalist(full, spec["data"]["num_labelled"], split_seed)
-
-
-def stage1(task: str, arm: str, split_seed: int, seed: int, shared: dict) -> tuple[Path, float]:
-    """The arm's stage 1 checkpoint and its seconds, trained unless a run of the same student has it."""
-    from monai.bundle import run
-
-    network = ARMS[arm]["network"]
-    name = "_".join(f"{k.split('#')[-1]}_{v}" for k, v in network.items()) or "default"
-    root = WORK / task / "stage1" / f"{name}_split{split_seed}_seed{seed}"
-    record = root / "stage1.json"
-    if record.is_file():
-        return root / "models" / "pretrain.pt", json.loads(record.read_text())["seconds"]
-    shutil.rmtree(root, ignore_errors=True)
-    start = time.perf_counter()
-    run("pretrain", config_file=[*configs_for(task), PRETRAIN], bundle_root=str(root), **shared, **network)
-    seconds = round(time.perf_counter() - start, 1)
-    record.write_text(json.dumps({"commit": commit(), "seconds": seconds}))
-    return root / "models" / "pretrain.pt", seconds
-
-
-def evaluate(task: str, root: Path, split: str, overrides: dict) -> dict:
-    """``evaluate.json`` on ``split``: the report's metrics (per class mean, std, n)."""
-    from monai.bundle import run
-
-    out = root / f"eval_{split}"
-    configs = [*configs_for(task), EVALUATE]
-    run("evaluate", config_file=configs, bundle_root=str(root), output_dir=str(out), eval_split=split, **overrides)
-    return json.loads((out / "report" / "report.json").read_text())
-
-
-#: stage 2's logged scalars a run keeps the mean of: the fraction of unlabelled images whose teacher output
-#: was reused, the fraction of pseudo-labels from the generalized teacher, the fraction kept by the gate
-STAGE2_LOG = ("generalized_reused", "gate_from_generalized", "gate_kept")
-
-
-def logged_means(folder: Path, tags: tuple[str, ...]) -> dict[str, float]:
-    """Mean over a training run of each scalar ``tag`` its TensorBoard events under ``folder`` hold."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[str, list[float]] = {tag: [] for tag in tags}
-    for events in sorted(folder.glob("events.out.tfevents.*")):
-        log = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        log.Reload()
-        for tag in set(tags) & set(log.Tags()["scalars"]):
-            values[tag] += [e.value for e in log.Scalars(tag)]
-    return {tag: round(statistics.fmean(v), 4) for tag, v in values.items() if v}
-
-
-def run_one(task: str, arm: str, split_seed: int, seed: int) -> dict:
-    from monai.bundle import run
-
-    out = RESULTS / task / f"{arm}_split{split_seed}_seed{seed}.json"
-    root = WORK / task / "runs" / f"{arm}_split{split_seed}_seed{seed}"
-    if out.is_file():
-        result = json.loads(out.read_text())
-        if "stage2_log" not in result and (root / "eval").is_dir():  # a run from before the log was read
-            result["stage2_log"] = logged_means(root / "eval", STAGE2_LOG)
-            out.write_text(json.dumps(result, indent=2))
-        return result
-    datalist = datalist_for(task, split_seed)
-    shared = {
-        "use_embedded_data": False,
-        "datalist": str(datalist),
-        "config_dir": str(CONFIGS),
-        "teacher_cache_dir": str(WORK / task / "teacher_cache"),
-        "seed": seed,
-        "pretrain_epochs": TASKS[task]["epochs"],
-        "max_epochs": TASKS[task]["epochs"],
-        **TASKS[task].get("bundle", {}),
-    }
-    checkpoint, stage1_seconds = stage1(task, arm, split_seed, seed, shared)
-    overrides = {**shared, **ARMS[arm]["network"]}
-    warm = datalist.with_suffix(".warm")
-    if not warm.is_file():  # no timed stage 2 pays for encoding the unlabelled images
-        warm_teacher_cache(configs_for(task), {"bundle_root": str(WORK / task), **shared})
-        warm.touch()
-    shutil.rmtree(root, ignore_errors=True)
-    (root / "models").mkdir(parents=True)
-    shutil.copy(checkpoint, root / "models" / "pretrain.pt")
-    start = time.perf_counter()
-    run("training", config_file=configs_for(task), bundle_root=str(root), **overrides, **ARMS[arm]["stage2"])
-    stage2_seconds = round(time.perf_counter() - start, 1)
-    validation = evaluate(task, root, "validation", overrides)
-    test = evaluate(task, root, "test", overrides)
-    result = {
-        "task": task,
-        "arm": arm,
-        "split_seed": split_seed,
-        "seed": seed,
-        "commit": commit(),
-        "seconds": {"stage1": stage1_seconds, "stage2": stage2_seconds},
-        "overrides": portable({**overrides, **ARMS[arm]["stage2"]}),
-        "stage2_log": logged_means(root / "eval", STAGE2_LOG),
-        "validation_metrics": validation["metrics"],
-        "metrics": test["metrics"],
-        "num_test_cases": test.get("num_cases"),
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
-    return result
+PROBE = PairedRuns(TASKS, ARMS, RESULTS, WORK)
 
 
 def validation_dice(result: dict) -> float:
@@ -202,8 +79,7 @@ def table(results_dir: Path = RESULTS) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for task in TASKS:
-        runs = [json.loads(p.read_text()) for p in sorted((results_dir / task).glob("*.json"))]
-        by_arm = {a: {(r["split_seed"], r["seed"]): r for r in runs if r["arm"] == a} for a in ARMS}
+        by_arm = PROBE.load(task, results_dir)
         first = True
         for arm in ARMS:
             pairs = sorted(set(by_arm[arm]) & set(by_arm[BASELINE])) if arm != BASELINE else sorted(by_arm[arm])
@@ -227,7 +103,8 @@ def table(results_dir: Path = RESULTS) -> str:
                 f"{' | '.join(paired)} | {reuse} | {seconds['stage1']:.0f} | {seconds['stage2']:.0f} |"
             )
             first = False
-    commits = sorted({json.loads(p.read_text())["commit"] for p in results_dir.glob("*/*.json")})
+    loaded = [PROBE.load(task, results_dir) for task in TASKS]
+    commits = sorted({r["commit"] for by_arm in loaded for runs in by_arm.values() for r in runs.values()})
     lines += [
         "",
         "Stage 1 (both distillation paths) + stage 2 (UnCoL defaults) at each task's budget (embedded2d and "
@@ -260,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         for task in args.task or list(TASKS):
             for split_seed, seed in PAIR_ORDER[args.first_pair : args.pairs]:
                 for arm in args.arm or TASKS[task]["arms"]:
-                    result = run_one(task, arm, split_seed, seed)
+                    result = PROBE.run_one(task, arm, split_seed, seed)
                     print(f"{task} {arm} split {split_seed} seed {seed}: mean Dice {mean_dice(result):.3f}", flush=True)
     text = table()
     print(text)

@@ -1,0 +1,177 @@
+"""Semi-supervised methods, paired by (labelled subset, seed), against the baselines a team would run (issue 38).
+
+Every run is a user's run (research/bench/paired_runs.py): stage 1, then stage 2 with the method's
+overrides, the checkpoint chosen on validation Dice, scored on the validation and the test split (per
+case too). A method is "ahead" of a baseline only at one-sided paired p < 0.05 and "behind" at
+two-sided p < 0.05; configurations are chosen on validation Dice, never on test.
+
+Methods: ``supervised`` (no pseudo-labels), ``mean_teacher`` (the EMA teacher alone, same gate),
+``copy_paste`` (Mean Teacher with bidirectional copy-paste, no foundation model), ``uncol``
+(train.json's defaults at the run's commit), ``uncol_paper`` (the paper's gate, spelled out) and the
+ingredients on top of ``uncol``: ``uncol_copy_paste``, ``uncol_soft`` (soft reliability weights),
+``uncol_feature_dropout`` and ``uncol_all`` (the three together).
+
+Cells: ``embedded2d_5`` and ``embedded2d_10`` (3 and 6 of the 60 training phantoms labelled),
+``colin27`` and ``macaque`` (10 % of the real-anatomy slices, research/data/real_brain.py),
+``embedded3d`` (the sweep's 3d_patch setting, 2 of 20 volumes) and ``embedded2d_full`` (every training
+phantom labelled, supervised only: the reference for "95 % of full supervision").
+
+    python -m research.bench.method_sweep --task embedded2d_10 [--pairs 6] [--arm uncol] [--report-only]
+
+Runs resume from their JSONs (research/results/method_sweep/<cell>/<method>_split<S>_seed<K>.json); the
+table goes to research/results.md's ``method-sweep`` section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+from research.bench.paired import PAIR_ORDER, mean_dice, mean_dice_spread, paired_t, per_class
+from research.bench.paired_runs import Arm, PairedRuns
+from research.bench.report import replace_section
+from research.bench.sweep import ROOT
+
+RESULTS = ROOT / "research" / "results" / "method_sweep"
+WORK = ROOT / "research" / "work" / "method_sweep"
+SECTION = "method-sweep"
+
+MEAN_TEACHER = {"teachers": "specialized"}
+COPY_PASTE = {"copy_paste": "bidirectional"}
+SOFT = {"gate": "soft"}
+FEATURE_DROPOUT = {"feature_dropout": 0.5}
+#: UnCoL as the paper has it, every stage-2 switch named, so that a change of train.json's defaults leaves it
+PAPER = {
+    "teachers": "both",
+    "gate": "entropy",
+    "threshold_ramped": True,
+    "disagreement": "entropy",
+    "class_guard": "none",
+    "pseudo_label_nesting": "none",
+    "calibration": "none",
+    "copy_paste": "none",
+    "feature_dropout": 0.0,
+}
+ARMS = {
+    "supervised": Arm("none", stage2={**MEAN_TEACHER, "max_unsup_weight": 0.0}),
+    "mean_teacher": Arm("none", stage2=MEAN_TEACHER),
+    "copy_paste": Arm("none", stage2={**MEAN_TEACHER, **COPY_PASTE}),
+    "uncol": Arm(),
+    "uncol_paper": Arm(stage2=PAPER),
+    "uncol_copy_paste": Arm(stage2=COPY_PASTE),
+    "uncol_soft": Arm(stage2=SOFT),
+    "uncol_feature_dropout": Arm(stage2=FEATURE_DROPOUT),
+    "uncol_all": Arm(stage2={**COPY_PASTE, **SOFT, **FEATURE_DROPOUT}),
+}
+BASELINES = ("supervised", "mean_teacher", "copy_paste")
+
+PHANTOMS_2D = {"spatial_dims": 2}
+#: per cell: data, configs layered on train.json, bundle overrides, epochs per stage (the sweep's budgets,
+#: past full supervision's plateau), the methods it runs by default, and whether its split is fixed
+TASKS = {
+    "embedded2d_5": {"data": {**PHANTOMS_2D, "num_labelled": 3}, "epochs": 32},
+    "embedded2d_10": {"data": {**PHANTOMS_2D, "num_labelled": 6}, "epochs": 32},
+    "colin27": {"task": "colin27", "fraction": 0.1, "epochs": 32},
+    "macaque": {"task": "macaque", "fraction": 0.1, "epochs": 32},
+    "embedded3d": {
+        "data": {"spatial_dims": 3, "num_train": 20, "num_validation": 4, "num_test": 8, "num_labelled": 2},
+        "configs": ["train_3d.json"],
+        "bundle": {"roi_size": [64, 64, 32], "batch_size": 2, "pretrain_batch_size": 2},
+        "epochs": 20,
+    },
+    # nothing unlabelled: stage 2 reads the labelled list as its unlabelled stream, at weight 0
+    "embedded2d_full": {
+        "data": {**PHANTOMS_2D, "num_labelled": 60},
+        "bundle": {"unlabelled_key": "training"},
+        "epochs": 32,
+        "arms": ["supervised"],
+        "fixed_split": True,
+    },
+}
+DEFAULT_ARMS = [a for a in ARMS if a != "uncol_paper"]
+SWEEP = PairedRuns(TASKS, ARMS, RESULTS, WORK)
+
+
+def pairs_for(task: str, first: int, count: int) -> list[tuple[int, int]]:
+    """The (split seed, seed) pairs ``first`` to ``count`` of a cell (seeds alone where its split is fixed)."""
+    if TASKS[task].get("fixed_split"):
+        return [(0, seed) for seed in range(first, count)]
+    return PAIR_ORDER[first:count]
+
+
+def compare(arm: dict, base: dict, pairs: list[tuple[int, int]], metrics: str = "metrics") -> str:
+    """``difference ± SE, wins of pairs, p`` of mean Dice, ``arm`` minus ``base``, and its verdict."""
+    diffs = [mean_dice(arm[k], metrics) - mean_dice(base[k], metrics) for k in pairs]
+    mean, se, p = paired_t(diffs)
+    one_sided = p / 2 if mean > 0 else 1 - p / 2
+    verdict = "ahead" if one_sided < 0.05 else "behind" if p < 0.05 else "level"
+    return f"{mean:+.3f} ± {se:.3f}, {sum(d > 0 for d in diffs)} of {len(diffs)}, p {p:.2g}: {verdict}"
+
+
+def table(results_dir: Path = RESULTS) -> str:
+    baselines = " | ".join(f"− {b}, test" for b in BASELINES)
+    lines = [
+        f"| cell | method | pairs | test Dice per class, mean ± sample std | mean Dice | {baselines} | "
+        "validation mean Dice | kept by the gate | from the generalized teacher |",
+        "|---|---|---|---|---|" + "---|" * len(BASELINES) + "---|---|---|",
+    ]
+    commits = set()
+    for task in TASKS:
+        by_arm = SWEEP.load(task, results_dir)
+        first = True
+        for arm, runs in by_arm.items():
+            if not runs:
+                continue
+            rs = list(runs.values())
+            commits |= {r["commit"] for r in rs}
+            cells = []
+            for base in BASELINES:
+                shared = sorted(set(runs) & set(by_arm[base])) if base != arm else []
+                cells.append(compare(runs, by_arm[base], shared) if len(shared) > 1 else "")
+            validation = [mean_dice(r, "validation_metrics") for r in rs]
+            spread = statistics.stdev(validation) if len(validation) > 1 else 0.0
+            logs = [r.get("stage2_log", {}) for r in rs]
+            gate = [
+                f"{statistics.fmean(values):.2f}" if (values := [log[k] for log in logs if k in log]) else ""
+                for k in ("gate_kept", "gate_from_generalized")
+            ]
+            lines.append(
+                f"| {task if first else ''} | {arm} | {len(rs)} | {per_class(rs)} | {mean_dice_spread(rs)} | "
+                f"{' | '.join(cells)} | {statistics.fmean(validation):.3f} ± {spread:.3f} | {' | '.join(gate)} |"
+            )
+            first = False
+    lines += [
+        "",
+        f"Commits {', '.join(sorted(commits)) or '-'}. Pairs are (labelled subset, seed): the split seed picks "
+        "the labelled cases, the seed drives training; each method is compared with each baseline on the pairs "
+        "both have: the mean paired difference of mean foreground Dice ± its standard error, the pairs it is "
+        "higher on, the two-sided paired-t p, and the verdict (ahead: one-sided p < 0.05; behind: two-sided "
+        'p < 0.05; else level). "±" on Dice and on validation Dice: sample std over pairs. Kept by the gate '
+        "and from the generalized teacher: stage 2's logged means (the soft gate's kept share is its mean "
+        "weight). Command: `python -m research.bench.method_sweep --task <cell>`.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", choices=sorted(TASKS), action="append", help="default: every cell")
+    parser.add_argument("--pairs", type=int, default=6, help="(split seed, seed) pairs per method")
+    parser.add_argument("--first-pair", type=int, default=0, help="skip this many pairs (run pairs in parallel)")
+    parser.add_argument("--arm", choices=sorted(ARMS), action="append", help="default: every method but uncol_paper")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.report_only:
+        for task in args.task or list(TASKS):
+            for split_seed, seed in pairs_for(task, args.first_pair, args.pairs):
+                for arm in args.arm or TASKS[task].get("arms", DEFAULT_ARMS):
+                    result = SWEEP.run_one(task, arm, split_seed, seed)
+                    print(f"{task} {arm} split {split_seed} seed {seed}: mean Dice {mean_dice(result):.3f}", flush=True)
+    text = table()
+    print(text)
+    replace_section(ROOT / "research" / "results.md", SECTION, text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""The method sweep: its arms, its cells' pairs, per-case Dice and the paired verdicts of its table."""
+
+import json
+
+from research.bench.method_sweep import ARMS, BASELINES, PAPER, pairs_for, table
+from research.bench.paired import PAIR_ORDER
+from research.bench.paired_runs import case_dice
+from research.bench.sweep import TRAIN
+
+
+def test_the_paper_arm_names_existing_train_json_keys_and_the_baselines_run_without_the_foundation_model():
+    keys = json.loads(open(TRAIN).read())
+    assert set(PAPER) <= set(keys)  # a renamed key would silently change the paper arm
+    for base in BASELINES:
+        assert ARMS[base].stage1 == "none" and ARMS[base].stage2["teachers"] == "specialized"
+    assert ARMS["copy_paste"].stage2["copy_paste"] == "bidirectional" and ARMS["uncol"].stage2 == {}
+
+
+def test_a_cell_with_a_fixed_split_varies_only_the_seed():
+    assert pairs_for("embedded2d_10", 0, 6) == PAIR_ORDER[:6] and len({s for s, _ in PAIR_ORDER[:6]}) == 3
+    assert pairs_for("embedded2d_full", 1, 3) == [(0, 1), (0, 2)]
+
+
+def test_per_case_dice_is_read_by_class_name(tmp_path):
+    (tmp_path / "test_dice_raw.csv").write_text(
+        "filename,class0,class1,class2,mean\n/a/b/case_000.nii.gz,0.9,0.5,nan,0.7\n/a/b/case_001.nii.gz,0.8,0.1,0.3,0.4\n"
+    )
+    cases = case_dice(tmp_path, ["organ", "lesion", "vessel"])
+    assert cases["case_001.nii.gz"] == {"organ": 0.8, "lesion": 0.1, "vessel": 0.3}
+    assert cases["case_000.nii.gz"]["vessel"] != cases["case_000.nii.gz"]["vessel"]  # NaN: absent from both
+
+
+def write_run(folder, arm, pair, dice, validation=0.5):
+    metrics = {"test_dice": {"organ": {"mean": dice, "std": 0.1, "n": 8}, "lesion": {"mean": dice, "std": 0.1, "n": 8}}}
+    run = {
+        "arm": arm,
+        "split_seed": pair[0],
+        "seed": pair[1],
+        "commit": "abc1234",
+        "metrics": metrics,
+        "validation_metrics": {"test_dice": {"organ": {"mean": validation, "std": 0, "n": 4}}},
+        "stage2_log": {"gate_kept": 0.9, "gate_from_generalized": 0.6} if arm.startswith("uncol") else {},
+    }
+    (folder / f"{arm}_split{pair[0]}_seed{pair[1]}.json").write_text(json.dumps(run))
+
+
+def test_verdicts_ahead_behind_and_level_come_from_the_paired_test(tmp_path):
+    folder = tmp_path / "embedded2d_10"
+    folder.mkdir()
+    pairs = PAIR_ORDER[:6]
+    base = [0.50, 0.60, 0.55, 0.40, 0.65, 0.58]
+    for pair, b in zip(pairs, base, strict=True):
+        write_run(folder, "supervised", pair, b)
+        write_run(folder, "mean_teacher", pair, b + 0.05)  # ahead of supervised on every pair
+        write_run(folder, "copy_paste", pair, b - 0.04 + (0.001 if pair[1] else 0))  # behind supervised
+        write_run(folder, "uncol", pair, b + (0.02 if pair[0] % 2 else -0.02))  # level: half the pairs either way
+    lines = [line.split("|") for line in table(tmp_path).splitlines() if line.startswith("|")]
+    rows = {cells[2].strip(): [c.strip() for c in cells] for cells in lines}
+    assert rows["mean_teacher"][6].startswith("+0.050 ± 0.000, 6 of 6") and rows["mean_teacher"][6].endswith("ahead")
+    assert rows["copy_paste"][6].endswith("behind") and rows["copy_paste"][7].endswith("behind")
+    assert rows["uncol"][6].endswith("level") and rows["supervised"][6] == "" and rows["uncol"][3] == "6"
+    assert rows["uncol"][9] == "0.500 ± 0.000" and rows["uncol"][10:12] == ["0.90", "0.60"]
