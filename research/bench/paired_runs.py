@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from research.bench.report import write_json
 from research.bench.sweep import CONFIGS, EVALUATE, PRETRAIN, TRAIN, commit, portable, warm_teacher_cache
 
 
@@ -170,10 +171,7 @@ class PairedRuns:
             "metrics": {**test["metrics"], "test_dice_cases": test["cases"]},
             "num_test_cases": test.get("num_cases"),
         }
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(out)
+        write_json(out, result)
         return result
 
     def load(self, task: str, results: Path | None = None) -> dict[str, dict[tuple[int, int], dict]]:

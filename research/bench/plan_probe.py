@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from research.bench.paired import PAIR_ORDER, mean_dice, mean_dice_spread, paired_t, per_class
-from research.bench.report import replace_section
+from research.bench.report import replace_section, write_json
 from research.bench.sweep import CONFIGS, EVALUATE, PRETRAIN, ROOT, TRAIN, commit, portable
 
 RESULTS = ROOT / "research" / "results" / "plan_probe"
@@ -130,10 +130,7 @@ def run_one(probe: str, arm: str, split_seed: int, seed: int) -> dict:
         "metrics": report["metrics"],
         "num_test_cases": report.get("num_cases"),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    write_json(out, result)
     return result
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -42,3 +43,11 @@ def replace_section(page: Path, name: str, text: str, create: bool = True) -> No
     page.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(new)
     tmp.replace(page)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write ``payload`` to ``path`` whole or not at all (a run JSON that exists is a finished run)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)

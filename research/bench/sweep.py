@@ -34,7 +34,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from research.bench.report import replace_section
+from research.bench.report import replace_section, write_json
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -283,9 +283,7 @@ def run_one(setting: str, fraction: float, method: str, seed: int, work: Path, r
     }
     runs.mkdir(parents=True, exist_ok=True)
     path = runs / f"{run_name(fraction, method, seed)}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
+    write_json(path, result)
     return result
 
 
