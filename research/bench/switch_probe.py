@@ -8,8 +8,8 @@ evaluated on the validation split (what a choice may look at) and on the test sp
 Arms that train the same student share its stage 1 (same split, seed and network).
 
 Tasks: ``embedded2d`` (the 128x128 phantoms, 60 training cases of which the split seed labels 6),
-``colin27`` (real MRI slices at 10 %, research/data/real_brain.py; the split seed picks the labelled
-slices), sizes from the bundle's plan as for a user; and ``embedded3d`` (the 160x160x96 phantoms, 20
+``colin27`` and ``macaque`` (real MRI slices at 10 %, research/data/real_brain.py; the split seed picks
+the labelled slices), sizes from the bundle's plan as for a user; and ``embedded3d`` (the 160x160x96 phantoms, 20
 training volumes of which the split seed labels 2, the sweep's ``3d_patch`` setting: 64x64x32 patches,
 batch 2, 20 + 20 epochs), where the full-resolution level and the teacher's slices cost most.
 
@@ -53,9 +53,10 @@ TASKS = {
     "embedded2d": {
         "data": {"spatial_dims": 2, "num_labelled": 6},
         "epochs": 32,
-        "arms": ["current", "feature_size_8", "feature_size_8_reuse_2", "current_reuse_2", "current_reuse_8"],
+        "arms": ["current", "feature_size_8", "feature_size_8_reuse_2", "current_reuse_2", "current_reuse_8", "single"],
     },
     "colin27": {"task": "colin27", "fraction": 0.1, "epochs": 32, "arms": ["current", "current_reuse_8"]},
+    "macaque": {"task": "macaque", "fraction": 0.1, "epochs": 32, "arms": ["current", "current_reuse_8"]},
     "embedded3d": {
         "data": {"spatial_dims": 3, "num_train": 20, "num_validation": 4, "num_test": 8, "num_labelled": 2},
         "configs": ["train_3d.json"],
@@ -108,7 +109,7 @@ def table(results_dir: Path = RESULTS) -> str:
     lines += [
         "",
         "Stage 1 (both distillation paths) + stage 2 (UnCoL defaults) at each task's budget (embedded2d and "
-        "colin27 32 + 32 epochs, embedded3d 20 + 20), "
+        "the real tasks 32 + 32 epochs, embedded3d 20 + 20), "
         f"commits {', '.join(commits) or '-'}. Pairs are (labelled subset, seed); each arm is paired with "
         '`current` on the pairs both have. "±" per class and on mean Dice: sample std over pairs; on a '
         "difference: its standard error; p: two-sided paired t-test. Validation: the same checkpoint on the "
