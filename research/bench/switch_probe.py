@@ -45,6 +45,7 @@ ARMS = {
     "feature_size_8_reuse_2": Arm(network=NARROW, stage2={"reuse_tolerance": 2.0}),
     "single": Arm(network=SINGLE),
     "single_stride_2": Arm(network=SINGLE, stage2={"generalized_slice_stride": 2}),
+    "single_stride_3": Arm(network=SINGLE, stage2={"generalized_slice_stride": 3}),
 }
 BASELINE = "current"
 #: per task: its data, the configs layered on train.json, bundle overrides, epochs per stage (the sweep's
@@ -62,7 +63,7 @@ TASKS = {
         "configs": ["train_3d.json"],
         "bundle": {"roi_size": [64, 64, 32], "batch_size": 2, "pretrain_batch_size": 2},
         "epochs": 20,
-        "arms": ["current", "single", "single_stride_2"],
+        "arms": ["current", "single", "single_stride_2", "single_stride_3"],
     },
 }
 PROBE = PairedRuns(TASKS, ARMS, RESULTS, WORK)
@@ -119,8 +120,8 @@ def table(results_dir: Path = RESULTS) -> str:
         "`feature_size_8`: the decoder half as wide "
         "(`network_def#feature_size` 8); `_reuse_2`: stage 2 reuses the generalized teacher's output while "
         "no box edge moved more than 2 (8) pixels (`reuse_tolerance`, default 1); `single`: one convolution at "
-        "full resolution (`network_def#full_resolution`); `_stride_2`: in 3D the generalized teacher prompts "
-        "every other slice (`generalized_slice_stride`). "
+        "full resolution (`network_def#full_resolution`); `_stride_2` (`_3`): in 3D the generalized teacher prompts "
+        "every other (third) slice (`generalized_slice_stride`). "
         "Command: `python -m research.bench.switch_probe --task <task>`.",
     ]
     return "\n".join(lines)
