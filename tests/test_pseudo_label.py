@@ -57,6 +57,8 @@ def test_soft_gate_weights_every_voxel_by_one_minus_its_normalised_entropy():
     assert result.mask.flatten()[0] == pytest.approx(1.0) and result.mask.flatten()[1] == pytest.approx(0.0, abs=1e-6)
     assert 0.0 < float(result.mask.flatten()[2]) < 1.0 and result.pseudo_label.flatten()[3] in (2, 3)
     assert result.stats()["gate_kept"] == pytest.approx(float(expected.mean()), abs=1e-6)  # the mean weight
+    volume = spec.reshape(1, 4, 1, 2, 2)  # the same voxels as a (1, 4, 1, 2, 2) volume: the same weights
+    assert torch.equal(EntropyGate("specialized", "soft")(volume, None, 0.0).mask.flatten(), result.mask.flatten())
 
 
 def test_pseudo_loss_only_sees_gated_voxels():
