@@ -109,6 +109,23 @@ def compare(arm: dict, base: dict, pairs: list[tuple[int, int]], metrics: str = 
     return f"{mean:+.3f} ± {se:.3f}, {sum(d > 0 for d in diffs)} of {len(diffs)}, p {p:.2g}: {verdict}"
 
 
+#: the cells a default is chosen on (a default on every 2D task, never on one)
+CHOICE_CELLS = ("embedded2d_5", "embedded2d_10", "colin27", "macaque")
+
+
+def chosen_by_validation(results_dir: Path = RESULTS) -> tuple[str, dict[str, float]] | None:
+    """The UnCoL configuration with the highest validation mean Dice, averaged over :data:`CHOICE_CELLS`
+    (each cell's mean over its pairs), among those with runs in every one of them; with each one's average.
+    None until some configuration has runs in all of them."""
+    averages = {}
+    for arm in (a for a in ARMS if a.startswith("uncol")):
+        cells = [SWEEP.load(task, results_dir)[arm] for task in CHOICE_CELLS]
+        if all(cells):
+            per_cell = [statistics.fmean(mean_dice(r, "validation_metrics") for r in c.values()) for c in cells]
+            averages[arm] = round(statistics.fmean(per_cell), 4)
+    return (max(averages, key=averages.get), averages) if averages else None
+
+
 def table(results_dir: Path = RESULTS) -> str:
     baselines = " | ".join(f"− {b}, test" for b in BASELINES)
     lines = [
@@ -151,6 +168,11 @@ def table(results_dir: Path = RESULTS) -> str:
         "and from the generalized teacher: stage 2's logged means (the soft gate's kept share is its mean "
         "weight). Command: `python -m research.bench.method_sweep --task <cell>`.",
     ]
+    choice = chosen_by_validation(results_dir)
+    if choice is not None:
+        best, averages = choice
+        listed = ", ".join(f"{arm} {value:.3f}" for arm, value in sorted(averages.items(), key=lambda kv: -kv[1]))
+        lines += ["", f"Chosen by validation Dice (mean over {', '.join(CHOICE_CELLS)}): **{best}** ({listed})."]
     return "\n".join(lines)
 
 

@@ -2,7 +2,7 @@
 
 import json
 
-from research.bench.method_sweep import ARMS, BASELINES, PAPER, pairs_for, table
+from research.bench.method_sweep import ARMS, BASELINES, CHOICE_CELLS, PAPER, chosen_by_validation, pairs_for, table
 from research.bench.paired import PAIR_ORDER
 from research.bench.paired_runs import case_dice
 from research.bench.sweep import TRAIN
@@ -60,3 +60,16 @@ def test_verdicts_ahead_behind_and_level_come_from_the_paired_test(tmp_path):
     assert rows["copy_paste"][6].endswith("behind") and rows["copy_paste"][7].endswith("behind")
     assert rows["uncol"][6].endswith("level") and rows["supervised"][6] == "" and rows["uncol"][3] == "6"
     assert rows["uncol"][9] == "0.500 ± 0.000" and rows["uncol"][10:12] == ["0.90", "0.60"]
+
+
+def test_the_configuration_is_chosen_on_validation_over_every_2d_cell_never_on_test(tmp_path):
+    for i, cell in enumerate(CHOICE_CELLS):
+        (tmp_path / cell).mkdir()
+        for pair in PAIR_ORDER[:2]:
+            write_run(tmp_path / cell, "uncol", pair, dice=0.9, validation=0.50)  # best on test, not on validation
+            write_run(tmp_path / cell, "uncol_soft", pair, dice=0.1, validation=0.55 if i else 0.45)
+    assert chosen_by_validation(tmp_path) == ("uncol_soft", {"uncol": 0.5, "uncol_soft": 0.525})
+    assert "Chosen by validation Dice" in table(tmp_path) and "**uncol_soft**" in table(tmp_path)
+    (tmp_path / CHOICE_CELLS[-1] / "uncol_soft_split0_seed0.json").unlink()
+    (tmp_path / CHOICE_CELLS[-1] / "uncol_soft_split1_seed0.json").unlink()
+    assert chosen_by_validation(tmp_path)[0] == "uncol"  # a configuration missing a cell is not a candidate
