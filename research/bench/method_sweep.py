@@ -25,13 +25,14 @@ table goes to research/results.md's ``method-sweep`` section.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from pathlib import Path
 
 from research.bench.paired import PAIR_ORDER, mean_dice, mean_dice_spread, paired_t, per_class
 from research.bench.paired_runs import Arm, PairedRuns
 from research.bench.report import replace_section
-from research.bench.sweep import ROOT
+from research.bench.sweep import ROOT, TRAIN
 
 RESULTS = ROOT / "research" / "results" / "method_sweep"
 WORK = ROOT / "research" / "work" / "method_sweep"
@@ -89,7 +90,16 @@ TASKS = {
         "fixed_split": True,
     },
 }
-DEFAULT_ARMS = [a for a in ARMS if a != "uncol_paper"]
+
+
+def default_arms(train_json: str = TRAIN) -> list[str]:
+    """Every method; ``uncol_paper`` only while train.json's defaults differ from the paper's (else it is
+    ``uncol`` run twice)."""
+    defaults = json.loads(Path(train_json).read_text())
+    same = all(defaults.get(key) == value for key, value in PAPER.items())
+    return [a for a in ARMS if not (same and a == "uncol_paper")]
+
+
 SWEEP = PairedRuns(TASKS, ARMS, RESULTS, WORK)
 
 
@@ -181,13 +191,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", choices=sorted(TASKS), action="append", help="default: every cell")
     parser.add_argument("--pairs", type=int, default=6, help="(split seed, seed) pairs per method")
     parser.add_argument("--first-pair", type=int, default=0, help="skip this many pairs (run pairs in parallel)")
-    parser.add_argument("--arm", choices=sorted(ARMS), action="append", help="default: every method but uncol_paper")
+    parser.add_argument("--arm", choices=sorted(ARMS), action="append", help="default: every method that differs")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
     if not args.report_only:
         for task in args.task or list(TASKS):
             for split_seed, seed in pairs_for(task, args.first_pair, args.pairs):
-                for arm in args.arm or TASKS[task].get("arms", DEFAULT_ARMS):
+                for arm in args.arm or TASKS[task].get("arms", default_arms()):
                     result = SWEEP.run_one(task, arm, split_seed, seed)
                     print(f"{task} {arm} split {split_seed} seed {seed}: mean Dice {mean_dice(result):.3f}", flush=True)
     text = table()

@@ -2,7 +2,16 @@
 
 import json
 
-from research.bench.method_sweep import ARMS, BASELINES, CHOICE_CELLS, PAPER, chosen_by_validation, pairs_for, table
+from research.bench.method_sweep import (
+    ARMS,
+    BASELINES,
+    CHOICE_CELLS,
+    PAPER,
+    chosen_by_validation,
+    default_arms,
+    pairs_for,
+    table,
+)
 from research.bench.paired import PAIR_ORDER
 from research.bench.paired_runs import case_dice
 from research.bench.sweep import TRAIN
@@ -14,6 +23,15 @@ def test_the_paper_arm_names_existing_train_json_keys_and_the_baselines_run_with
     for base in BASELINES:
         assert ARMS[base].stage1 == "none" and ARMS[base].stage2["teachers"] == "specialized"
     assert ARMS["copy_paste"].stage2["copy_paste"] == "bidirectional" and ARMS["uncol"].stage2 == {}
+
+
+def test_the_paper_arm_runs_only_where_the_defaults_are_not_the_papers(tmp_path):
+    keys = json.loads(open(TRAIN).read())
+    paper_defaults = {**keys, **PAPER}
+    (tmp_path / "paper.json").write_text(json.dumps(paper_defaults))
+    assert "uncol_paper" not in default_arms(str(tmp_path / "paper.json")) and "uncol" in default_arms(TRAIN)
+    (tmp_path / "moved.json").write_text(json.dumps({**paper_defaults, "gate": "soft"}))
+    assert default_arms(str(tmp_path / "moved.json")) == list(ARMS)
 
 
 def test_a_cell_with_a_fixed_split_varies_only_the_seed():
