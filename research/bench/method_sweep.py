@@ -7,9 +7,10 @@ two-sided p < 0.05; configurations are chosen on validation Dice, never on test.
 
 Methods: ``supervised`` (no pseudo-labels), ``mean_teacher`` (the EMA teacher alone, same gate),
 ``copy_paste`` (Mean Teacher with bidirectional copy-paste, no foundation model), ``uncol``
-(train.json's defaults at the run's commit), ``uncol_paper`` (the paper's gate, spelled out) and the
-ingredients on top of ``uncol``: ``uncol_copy_paste``, ``uncol_soft`` (soft reliability weights),
-``uncol_feature_dropout`` and ``uncol_all`` (the three together).
+(train.json's defaults at the run's commit), ``uncol_paper`` (the paper's gate, spelled out),
+``uncol_quantile_agree_guarded`` (the earlier sweep's improved gate) and the ingredients on top of
+``uncol``: ``uncol_copy_paste``, ``uncol_soft`` (soft reliability weights), ``uncol_feature_dropout`` and
+``uncol_all`` (the three together).
 
 Cells: ``embedded2d_5`` and ``embedded2d_10`` (3 and 6 of the 60 training phantoms labelled),
 ``colin27`` and ``macaque`` (10 % of the real-anatomy slices, research/data/real_brain.py),
@@ -42,6 +43,9 @@ MEAN_TEACHER = {"teachers": "specialized"}
 COPY_PASTE = {"copy_paste": "bidirectional"}
 SOFT = {"gate": "soft"}
 FEATURE_DROPOUT = {"feature_dropout": 0.5}
+#: the improved gate of the earlier sweep (research/bench/sweep.py): class-wise quantile gate, voxels where the
+#: teachers disagree left out, the labelled class prior as guard; ahead of the paper's gate in 2D there
+GUARDED = {"gate": "quantile", "disagreement": "mask", "class_guard": "prior"}
 #: UnCoL as the paper has it, every stage-2 switch named, so that a change of train.json's defaults leaves it
 PAPER = {
     "teachers": "both",
@@ -60,6 +64,7 @@ ARMS = {
     "copy_paste": Arm("none", stage2={**MEAN_TEACHER, **COPY_PASTE}),
     "uncol": Arm(),
     "uncol_paper": Arm(stage2=PAPER),
+    "uncol_quantile_agree_guarded": Arm(stage2=GUARDED),
     "uncol_copy_paste": Arm(stage2=COPY_PASTE),
     "uncol_soft": Arm(stage2=SOFT),
     "uncol_feature_dropout": Arm(stage2=FEATURE_DROPOUT),

@@ -6,6 +6,7 @@ from research.bench.method_sweep import (
     ARMS,
     BASELINES,
     CHOICE_CELLS,
+    GUARDED,
     PAPER,
     chosen_by_validation,
     default_arms,
@@ -20,6 +21,7 @@ from research.bench.sweep import TRAIN
 def test_the_paper_arm_names_existing_train_json_keys_and_the_baselines_run_without_the_foundation_model():
     keys = json.loads(open(TRAIN).read())
     assert set(PAPER) <= set(keys)  # a renamed key would silently change the paper arm
+    assert set(GUARDED) <= set(keys) and ARMS["uncol_quantile_agree_guarded"].stage2 == GUARDED
     for base in BASELINES:
         assert ARMS[base].stage1 == "none" and ARMS[base].stage2["teachers"] == "specialized"
     assert ARMS["copy_paste"].stage2["copy_paste"] == "bidirectional" and ARMS["uncol"].stage2 == {}
