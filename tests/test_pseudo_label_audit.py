@@ -7,7 +7,7 @@ import torch
 from conftest import TINY_NET
 from ignite.engine import Engine
 
-from custom.handlers.pseudo_label_audit import PseudoLabelAudit, audit_pseudo_labels
+from custom.handlers.pseudo_label_audit import PseudoLabelAudit, audit_pseudo_labels, soft_gate_confidence
 from custom.losses.pseudo_label import EntropyGate
 
 CERTAIN = [0.98, 0.01, 0.01]
@@ -41,6 +41,21 @@ def test_audit_scores_kept_and_rejected_voxels_and_catches_shared_confident_erro
     assert out["generalized_supplied_accuracy_fg"] == 1.0  # only voxel 1
     assert out["specialized_supplied_accuracy_fg"] == pytest.approx(0.5)  # voxels 0 and 2 (tie -> specialized)
     assert out["both_confidently_wrong"] == pytest.approx(0.25)
+
+
+def test_audit_counts_a_soft_gates_voxels_by_their_weight():
+    # voxel 0: both certain of class 1, truth 1 (weight near 1, right); voxel 1: both unsure of class 0,
+    # truth 1 (weight near 0, wrong); a hard cut would call voxel 1 kept (weight > 0) and the gate perfect
+    spec = gen = _maps([_cls(1), UNSURE])
+    truth = torch.tensor([[[1, 1]]])
+    gated = EntropyGate("both", "soft")(spec, gen, 0.0)
+    w = gated.mask.flatten()
+    assert 0.0 < w[1] < 0.1 and 0.8 < w[0] < 1.0
+    out = audit_pseudo_labels(spec, gen, gated, truth, soft_gate_confidence(spec))
+    assert out["kept"] == pytest.approx(float(w.mean()))
+    assert out["kept_accuracy_fg"] == pytest.approx(float(w[0] / w.sum()))
+    assert out["rejected_accuracy_fg"] == pytest.approx(float((1 - w[0]) / (2 - w.sum())))
+    assert soft_gate_confidence(spec) == pytest.approx(0.5 * math.log(3))
 
 
 def test_audit_handler_records_without_touching_training_counters(tmp_path, lite_teacher):

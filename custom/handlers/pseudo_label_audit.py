@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,9 +22,18 @@ from custom.losses.pseudo_label import shannon_entropy
 logger = logging.getLogger(__name__)
 
 
-def _accuracy(pred: torch.Tensor, truth: torch.Tensor, where: torch.Tensor) -> float | None:
-    n = int(where.sum())
-    return float(((pred == truth) & where).sum() / n) if n else None
+def _accuracy(pred: torch.Tensor, truth: torch.Tensor, weight: torch.Tensor) -> float | None:
+    """Share of ``pred`` equal to ``truth``, each voxel counted by ``weight`` (a mask or the soft gate's
+    weights); None where nothing is weighted."""
+    weight = weight.float()
+    total = float(weight.sum())
+    return float(((pred == truth).float() * weight).sum()) / total if total > 0 else None
+
+
+def soft_gate_confidence(probs: torch.Tensor) -> float:
+    """The entropy under which the soft gate (weight 1 - H / ln C) gives a voxel more than half its weight:
+    what "confident" means for its audit."""
+    return 0.5 * math.log(probs.shape[1])
 
 
 def audit_pseudo_labels(
@@ -34,18 +44,20 @@ def audit_pseudo_labels(
 
     ``*_fg`` scores count only voxels where the truth or the pseudo-label is foreground (the background
     otherwise dominates every accuracy). ``both_confidently_wrong`` is the fraction of voxels where both
-    teachers are under the threshold and both wrong.
+    teachers are under the threshold and both wrong. Under the soft gate a voxel is kept by its weight and
+    rejected by the rest (a hard gate's weights are 0 or 1), so ``kept`` is the mean weight.
     """
     pseudo = gated.pseudo_label.reshape(truth.shape)
-    kept = gated.mask.reshape(truth.shape).bool()
+    kept = gated.mask.reshape(truth.shape).float()
+    rejected = 1.0 - kept
     fg = (truth > 0) | (pseudo > 0)
     out: dict[str, float | None] = {
         "threshold": threshold,
-        "kept": float(kept.float().mean()),
+        "kept": float(kept.mean()),
         "kept_accuracy": _accuracy(pseudo, truth, kept),
-        "rejected_accuracy": _accuracy(pseudo, truth, ~kept),
-        "kept_accuracy_fg": _accuracy(pseudo, truth, kept & fg),
-        "rejected_accuracy_fg": _accuracy(pseudo, truth, ~kept & fg),
+        "rejected_accuracy": _accuracy(pseudo, truth, rejected),
+        "kept_accuracy_fg": _accuracy(pseudo, truth, kept * fg),
+        "rejected_accuracy_fg": _accuracy(pseudo, truth, rejected * fg),
     }
     from_gen = gated.from_generalized.reshape(truth.shape).bool()
     confident_wrong = []
@@ -56,7 +68,7 @@ def audit_pseudo_labels(
         confident = shannon_entropy(probs)[:, 0] < threshold
         teacher_fg = (truth > 0) | (pred > 0)
         out[f"{name}_accuracy_fg"] = _accuracy(pred, truth, teacher_fg)
-        out[f"{name}_supplied_accuracy_fg"] = _accuracy(pred, truth, kept & supplied & teacher_fg)
+        out[f"{name}_supplied_accuracy_fg"] = _accuracy(pred, truth, kept * (supplied & teacher_fg))
         out[f"{name}_confident_accuracy_fg"] = _accuracy(pred, truth, confident & teacher_fg)
         confident_wrong.append(confident & (pred != truth))
     if len(confident_wrong) == 2:
@@ -80,8 +92,8 @@ class PseudoLabelAudit:
     ``self.records``. Training is unaffected: the audit uses no randomness and changes no counters.
 
     A record's ``threshold`` is the entropy under which a teacher counts as confident: the entropy
-    gate's threshold, or under the quantile gate the largest entropy it kept (its ``keep_fraction``
-    is recorded too).
+    gate's threshold, under the quantile gate the largest entropy it kept (its ``keep_fraction``
+    is recorded too), under the soft gate the entropy of weight one half (:func:`soft_gate_confidence`).
 
     Args:
         iteration: the :class:`~custom.engines.uncol.SemiSupervisedIteration` being trained.
@@ -133,6 +145,8 @@ class PseudoLabelAudit:
         if it.gate_schedule == "keep_fraction":
             record["keep_fraction"] = it.gate_level(engine)
             threshold = float(gated.entropy[gated.mask.bool()].max()) if gated.mask.any() else 0.0
+        elif it.gate.gate == "soft":
+            threshold = soft_gate_confidence(spec if spec is not None else gen)
         else:
             threshold = it.gate_level(engine)
         labels = self.labels.to(engine.state.device).long()

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from custom.handlers.pseudo_label_audit import soft_gate_confidence
 from research.bench.diagnostics import hidden_label_pairs, load_pairs
 from research.bench.report import replace_section
 from research.bench.sweep import SETTINGS, commit, portable, setting_overrides, train_configs
@@ -76,6 +77,8 @@ VARIANTS = [
         "quantile + disagreement masked + class guard",
         {"gate": "quantile", "disagreement": "mask", "class_guard": "prior"},
     ),
+    # every voxel supervised, weighted by its reliability: scored by weight (a voxel half kept counts half)
+    ("soft reliability weights (1 - H / ln C)", {"gate": "soft"}),
 ]
 
 
@@ -87,21 +90,21 @@ def class_recall(
     pseudo-label call that class: where a class the students must learn goes missing (a class the
     pseudo-labels never supervise as itself is unlearned); and the share kept as another class (what
     teaches the student to unlearn it), of it as background (the rest is another foreground class: an
-    organ around a lesion, which ``pseudo_label_nesting`` no longer counts against the lesion)."""
+    organ around a lesion, which ``pseudo_label_nesting`` no longer counts against the lesion). ``kept`` is
+    the gate's weight per voxel (0 or 1; the soft gate's in between): a voxel counts by its weight."""
     out = []
     for c in range(1, spec.shape[1]):
         true = truth == c
         n = int(true.sum())
 
-        def share(pred: torch.Tensor, where: torch.Tensor | None = None, true=true, c=c, n=n) -> float | None:
-            hit = (pred == c) & true & (True if where is None else where)
-            return None if n == 0 else round(float(hit.sum()) / n, 4)
+        def share(hit: torch.Tensor, weight: torch.Tensor | float = 1.0, true=true, n=n) -> float | None:
+            return None if n == 0 else round(float(((hit & true).float() * weight).sum()) / n, 4)
 
         out.append({
-            "class": c, "voxels": n, "ema": share(spec.argmax(1)), "litemedsam": share(gen.argmax(1)),
-            "kept_pseudo_label": share(pseudo, kept),
-            "kept_as_other": None if n == 0 else round(float((kept & true & (pseudo != c)).sum()) / n, 4),
-            "kept_as_background": None if n == 0 else round(float((kept & true & (pseudo == 0)).sum()) / n, 4),
+            "class": c, "voxels": n, "ema": share(spec.argmax(1) == c), "litemedsam": share(gen.argmax(1) == c),
+            "kept_pseudo_label": share(pseudo == c, kept),
+            "kept_as_other": share(pseudo != c, kept),
+            "kept_as_background": share(pseudo == 0, kept),
         })  # fmt: skip
     return out
 
@@ -201,13 +204,14 @@ def audit_variant(
         # "confident" for both-confidently-wrong: under the entropy the gate keeps at; for a quantile gate,
         # the largest entropy it keeps
         kept_entropy = float(gated.entropy[gated.mask.bool()].max()) if gated.mask.any() else 0.0
-        confident = threshold if gate == "entropy" else kept_entropy
+        confident = {"entropy": threshold, "soft": soft_gate_confidence(spec)}.get(gate, kept_entropy)
         scores = audit_pseudo_labels(spec, gen, gated, truth, confident)
         scores["threshold"] = threshold
         scores["from_generalized"] = gated.stats()["gate_from_generalized"]
         fg = (truth > 0) | (gated.pseudo_label[:, 0] > 0)
-        scores["kept_fg"] = float((gated.mask[:, 0].bool() & fg).sum()) / max(1, int(fg.sum()))
-        scores["class_recall"] = class_recall(spec, gen, gated.pseudo_label[:, 0], gated.mask[:, 0].bool(), truth)
+        weight = gated.mask[:, 0].float()  # 0 or 1, or the soft gate's weight: a voxel counts by its weight
+        scores["kept_fg"] = float((weight * fg).sum()) / max(1, int(fg.sum()))
+        scores["class_recall"] = class_recall(spec, gen, gated.pseudo_label[:, 0], weight, truth)
         result[when] = scores
     result["max_entropy"] = math.log(spec.shape[1])
     return result

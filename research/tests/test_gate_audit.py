@@ -29,6 +29,18 @@ def test_class_recall_counts_each_class_found_and_kept_as_another():
     assert two["kept_as_background"] == round(1 / 3, 4)  # the other third is kept as class 1
 
 
+def test_class_recall_counts_a_soft_gates_voxel_by_its_weight():
+    truth = torch.tensor([[1, 1, 2, 2]])
+    spec = torch.nn.functional.one_hot(torch.tensor([[1, 1, 2, 2]]), 3).permute(0, 2, 1).float()
+    pseudo = torch.tensor([[1, 2, 2, 0]])
+    weight = torch.tensor([[1.0, 0.5, 0.25, 0.0]])
+    one, two = class_recall(spec, spec, pseudo, weight, truth)
+    assert one["kept_pseudo_label"] == 0.5 and one["kept_as_other"] == 0.25  # (1 + 0) / 2, 0.5 / 2
+    assert two["kept_pseudo_label"] == 0.125 and two["kept_as_background"] == 0.0  # 0.25 / 2; weight 0
+    hard = class_recall(spec, spec, pseudo, weight > 0, truth)  # a mask is weights of 0 and 1
+    assert hard[0]["kept_as_other"] == 0.5 and hard[1]["kept_pseudo_label"] == 0.5
+
+
 def test_committed_audit_rebuilds_with_n_a_where_a_score_was_not_recorded():
     payload = json.loads((ROOT / "research" / "results" / "gate_audit_colin27.json").read_text())
     for snapshot in ("start", "end"):  # the first variant as an audit from before per-class scores existed
