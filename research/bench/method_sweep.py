@@ -141,6 +141,25 @@ def chosen_by_validation(results_dir: Path = RESULTS) -> tuple[str, dict[str, fl
     return (max(averages, key=averages.get), averages) if averages else None
 
 
+#: the cell whose methods are measured against full supervision, and the cell that is full supervision
+TARGET_CELL, FULL_CELL = "embedded2d_10", "embedded2d_full"
+
+
+def share_of_full(results_dir: Path = RESULTS) -> str | None:
+    """Each method's mean test Dice in :data:`TARGET_CELL` as a share of full supervision's (the supervised
+    runs of :data:`FULL_CELL`, mean over its seeds); None until both have runs."""
+    full = list(SWEEP.load(FULL_CELL, results_dir)["supervised"].values())
+    by_arm = {a: list(r.values()) for a, r in SWEEP.load(TARGET_CELL, results_dir).items() if r}
+    if not full or not by_arm:
+        return None
+    reference = statistics.fmean(mean_dice(r) for r in full)
+    shares = ", ".join(f"{a} {statistics.fmean(mean_dice(r) for r in rs) / reference:.1%}" for a, rs in by_arm.items())
+    return (
+        f"Share of full supervision ({FULL_CELL}: every training phantom labelled, supervised, {len(full)} seeds, "
+        f"mean Dice {reference:.3f}) in {TARGET_CELL}, mean test Dice over its pairs: {shares}."
+    )
+
+
 def table(results_dir: Path = RESULTS) -> str:
     baselines = " | ".join(f"− {b}, test" for b in BASELINES)
     lines = [
@@ -183,6 +202,9 @@ def table(results_dir: Path = RESULTS) -> str:
         "and from the generalized teacher: stage 2's logged means (the soft gate's kept share is its mean "
         "weight). Command: `python -m research.bench.method_sweep --task <cell>`.",
     ]
+    full = share_of_full(results_dir)
+    if full is not None:
+        lines += ["", full]
     choice = chosen_by_validation(results_dir)
     if choice is not None:
         best, averages = choice

@@ -11,6 +11,7 @@ from research.bench.method_sweep import (
     chosen_by_validation,
     default_arms,
     pairs_for,
+    share_of_full,
     table,
 )
 from research.bench.paired import PAIR_ORDER
@@ -93,3 +94,16 @@ def test_the_configuration_is_chosen_on_validation_over_every_2d_cell_never_on_t
     (tmp_path / CHOICE_CELLS[-1] / "uncol_soft_split0_seed0.json").unlink()
     (tmp_path / CHOICE_CELLS[-1] / "uncol_soft_split1_seed0.json").unlink()
     assert chosen_by_validation(tmp_path)[0] == "uncol"  # a configuration missing a cell is not a candidate
+
+
+def test_the_target_cells_methods_are_read_against_full_supervision(tmp_path):
+    for cell in ("embedded2d_10", "embedded2d_full"):
+        (tmp_path / cell).mkdir()
+    assert share_of_full(tmp_path) is None  # nothing to compare yet
+    for seed in range(2):
+        write_run(tmp_path / "embedded2d_full", "supervised", (0, seed), 0.80 + 0.02 * seed)
+    for pair in PAIR_ORDER[:2]:
+        write_run(tmp_path / "embedded2d_10", "uncol", pair, 0.777)
+    line = share_of_full(tmp_path)
+    assert "2 seeds, mean Dice 0.810" in line and line.endswith("uncol 95.9%.")  # 0.777 / 0.81
+    assert line in table(tmp_path)
