@@ -132,9 +132,10 @@ def chosen_by_validation(results_dir: Path = RESULTS) -> tuple[str, dict[str, fl
     """The UnCoL configuration with the highest validation mean Dice, averaged over :data:`CHOICE_CELLS`
     (each cell's mean over its pairs), among those with runs in every one of them; with each one's average.
     None until some configuration has runs in all of them."""
+    loaded = [SWEEP.load(task, results_dir) for task in CHOICE_CELLS]  # each cell's JSONs read once
     averages = {}
     for arm in (a for a in ARMS if a.startswith("uncol")):
-        cells = [SWEEP.load(task, results_dir)[arm] for task in CHOICE_CELLS]
+        cells = [by_arm[arm] for by_arm in loaded]
         if all(cells):
             per_cell = [statistics.fmean(mean_dice(r, "validation_metrics") for r in c.values()) for c in cells]
             averages[arm] = round(statistics.fmean(per_cell), 4)
