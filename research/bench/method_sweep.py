@@ -17,6 +17,9 @@ Cells: ``embedded2d_5`` and ``embedded2d_10`` (3 and 6 of the 60 training phanto
 ``embedded3d`` (the sweep's 3d_patch setting, 2 of 20 volumes) and ``embedded2d_full`` (every training
 phantom labelled, supervised only: the reference for "95 % of full supervision").
 
+The screen: after the first 3 pairs of both phantom cells, only the 2 UnCoL variants best on validation
+there run on (more pairs, the real-anatomy cells), beside the baselines and ``uncol`` (:func:`wanted`).
+
     python -m research.bench.method_sweep --task embedded2d_10 [--pairs 6] [--arm uncol] [--report-only]
 
 Runs resume from their JSONs (research/results/method_sweep/<cell>/<method>_split<S>_seed<K>.json); the
@@ -30,7 +33,7 @@ import json
 import statistics
 from pathlib import Path
 
-from research.bench.paired import PAIR_ORDER, mean_dice, mean_dice_spread, paired_t, per_class
+from research.bench.paired import PAIR_ORDER, mean_dice, mean_dice_spread, paired_t, per_class, spread
 from research.bench.paired_runs import Arm, PairedRuns
 from research.bench.report import replace_section
 from research.bench.sweep import ROOT, TRAIN
@@ -115,6 +118,44 @@ def pairs_for(task: str, first: int, count: int) -> list[tuple[int, int]]:
     return PAIR_ORDER[first:count]
 
 
+#: the screen: an UnCoL variant other than ``uncol`` runs past the first SCREEN_PAIRS pairs of the
+#: SCREEN_CELLS, and on the other cells, only if it is among the SCREEN_KEEP best of them by validation mean
+#: Dice there, so that the pairs a verdict needs go to contenders; the baselines and ``uncol`` run every pair
+SCREEN_CELLS = ("embedded2d_5", "embedded2d_10")
+SCREEN_PAIRS = 3
+SCREEN_KEEP = 2
+
+
+def screen(results_dir: Path = RESULTS) -> dict[str, float] | None:
+    """Each UnCoL variant's validation mean Dice on the first SCREEN_PAIRS pairs of each screen cell (the
+    mean of the cells' means); None while a variant lacks one of those runs."""
+    pairs = PAIR_ORDER[:SCREEN_PAIRS]
+    loaded = [SWEEP.load(cell, results_dir) for cell in SCREEN_CELLS]
+    scores = {}
+    for arm in (a for a in default_arms() if a.startswith("uncol_")):
+        if not all(pair in by_arm[arm] for by_arm in loaded for pair in pairs):
+            return None
+        runs = [[by_arm[arm][pair] for pair in pairs] for by_arm in loaded]
+        per_cell = [statistics.fmean(mean_dice(r, "validation_metrics") for r in cell) for cell in runs]
+        scores[arm] = round(statistics.fmean(per_cell), 4)
+    return scores
+
+
+def passed_screen(scores: dict[str, float]) -> list[str]:
+    """The SCREEN_KEEP variants with the highest screen score, best first."""
+    return sorted(scores, key=lambda arm: -scores[arm])[:SCREEN_KEEP]
+
+
+def wanted(task: str, arm: str, pair_index: int, results_dir: Path = RESULTS) -> bool:
+    """Whether ``arm`` runs on pair number ``pair_index`` of ``task``: the baselines and ``uncol`` always, a
+    variant before the screen's pairs of a screen cell, and after them (or on another cell) if it passed
+    the screen; every variant while the screen is undecided."""
+    if not arm.startswith("uncol_") or (task in SCREEN_CELLS and pair_index < SCREEN_PAIRS):
+        return True
+    scores = screen(results_dir)
+    return scores is None or arm in passed_screen(scores)
+
+
 def compare(arm: dict, base: dict, pairs: list[tuple[int, int]], metrics: str = "metrics") -> str:
     """``difference ± SE, wins of pairs, p`` of mean Dice, ``arm`` minus ``base``, and its verdict."""
     diffs = [mean_dice(arm[k], metrics) - mean_dice(base[k], metrics) for k in pairs]
@@ -154,9 +195,10 @@ def share_of_full(results_dir: Path = RESULTS) -> str | None:
     if not full or not by_arm:
         return None
     reference = statistics.fmean(mean_dice(r) for r in full)
+    seeds = f"{len(full)} seed{'s' if len(full) > 1 else ''}"
     shares = ", ".join(f"{a} {statistics.fmean(mean_dice(r) for r in rs) / reference:.1%}" for a, rs in by_arm.items())
     return (
-        f"Share of full supervision ({FULL_CELL}: every training phantom labelled, supervised, {len(full)} seeds, "
+        f"Share of full supervision ({FULL_CELL}: every training phantom labelled, supervised, {seeds}, "
         f"mean Dice {reference:.3f}) in {TARGET_CELL}, mean test Dice over its pairs: {shares}."
     )
 
@@ -182,7 +224,6 @@ def table(results_dir: Path = RESULTS) -> str:
                 shared = sorted(set(runs) & set(by_arm[base])) if base != arm else []
                 cells.append(compare(runs, by_arm[base], shared) if len(shared) > 1 else "")
             validation = [mean_dice(r, "validation_metrics") for r in rs]
-            spread = statistics.stdev(validation) if len(validation) > 1 else 0.0
             logs = [r.get("stage2_log", {}) for r in rs]
             gate = [
                 f"{statistics.fmean(values):.2f}" if (values := [log[k] for log in logs if k in log]) else ""
@@ -190,7 +231,7 @@ def table(results_dir: Path = RESULTS) -> str:
             ]
             lines.append(
                 f"| {task if first else ''} | {arm} | {len(rs)} | {per_class(rs)} | {mean_dice_spread(rs)} | "
-                f"{' | '.join(cells)} | {statistics.fmean(validation):.3f} ± {spread:.3f} | {' | '.join(gate)} |"
+                f"{' | '.join(cells)} | {spread(validation)} | {' | '.join(gate)} |"
             )
             first = False
     lines += [
@@ -206,6 +247,15 @@ def table(results_dir: Path = RESULTS) -> str:
     full = share_of_full(results_dir)
     if full is not None:
         lines += ["", full]
+    scores = screen(results_dir)
+    if scores is not None:
+        passed = passed_screen(scores)
+        listed = ", ".join(f"{arm} {scores[arm]:.3f}" for arm in sorted(scores, key=lambda a: -scores[a]))
+        lines += [
+            "",
+            f"Screen (validation mean Dice on the first {SCREEN_PAIRS} pairs of {' and '.join(SCREEN_CELLS)}, "
+            f"mean of the two): {listed}. Past it, beside the baselines and uncol, only {' and '.join(passed)} run.",
+        ]
     choice = chosen_by_validation(results_dir)
     if choice is not None:
         best, averages = choice
@@ -224,8 +274,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.report_only:
         for task in args.task or list(TASKS):
-            for split_seed, seed in pairs_for(task, args.first_pair, args.pairs):
+            pairs = pairs_for(task, args.first_pair, args.pairs)
+            for index, (split_seed, seed) in enumerate(pairs, start=args.first_pair):
                 for arm in args.arm or TASKS[task].get("arms", default_arms()):
+                    if not args.arm and not wanted(task, arm, index):
+                        print(f"{task} {arm} split {split_seed} seed {seed}: screened out", flush=True)
+                        continue
                     result = SWEEP.run_one(task, arm, split_seed, seed)
                     print(f"{task} {arm} split {split_seed} seed {seed}: mean Dice {mean_dice(result):.3f}", flush=True)
     text = table()

@@ -26,17 +26,18 @@ def paired_t(diffs: list[float]) -> tuple[float, float, float]:
     return mean, se, p
 
 
+def spread(values: list[float]) -> str:
+    """``mean ± sample std`` of ``values``; the mean alone for one value (no spread to show)."""
+    mean = f"{statistics.fmean(values):.3f}"
+    return f"{mean} ± {statistics.stdev(values):.3f}" if len(values) > 1 else mean
+
+
 def per_class(runs: list[dict]) -> str:
-    """``class mean ± sample std`` over ``runs`` of each class's test Dice, and the mean Dice likewise."""
-
-    def spread(values: list[float]) -> str:
-        return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0:.3f}"
-
+    """``class mean ± sample std`` over ``runs`` of each class's test Dice."""
     classes = list(runs[0]["metrics"]["test_dice"])
     return ", ".join(f"{c} {spread([r['metrics']['test_dice'][c]['mean'] for r in runs])}" for c in classes)
 
 
 def mean_dice_spread(runs: list[dict]) -> str:
     """Mean Dice over ``runs``, ``mean ± sample std``."""
-    values = [mean_dice(r) for r in runs]
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
+    return spread([mean_dice(r) for r in runs])

@@ -8,11 +8,17 @@ from research.bench.method_sweep import (
     CHOICE_CELLS,
     GUARDED,
     PAPER,
+    SCREEN_CELLS,
+    SCREEN_KEEP,
+    SCREEN_PAIRS,
     chosen_by_validation,
     default_arms,
     pairs_for,
+    passed_screen,
+    screen,
     share_of_full,
     table,
+    wanted,
 )
 from research.bench.paired import PAIR_ORDER
 from research.bench.paired_runs import case_dice
@@ -107,3 +113,32 @@ def test_the_target_cells_methods_are_read_against_full_supervision(tmp_path):
     line = share_of_full(tmp_path)
     assert "2 seeds, mean Dice 0.810" in line and line.endswith("uncol 95.9%.")  # 0.777 / 0.81
     assert line in table(tmp_path)
+
+
+def test_the_screen_keeps_the_variants_best_on_validation_once_every_one_has_its_first_pairs(tmp_path):
+    variants = [a for a in default_arms() if a.startswith("uncol_")]
+    for cell in SCREEN_CELLS:
+        (tmp_path / cell).mkdir()
+        for pair in PAIR_ORDER[:SCREEN_PAIRS]:
+            write_run(tmp_path / cell, "uncol", pair, dice=0.5)
+            for rank, arm in enumerate(variants):  # the first variants best on validation, the last best on test
+                write_run(tmp_path / cell, arm, pair, dice=0.1 * rank, validation=0.9 - 0.1 * rank)
+    missing = tmp_path / SCREEN_CELLS[1] / f"{variants[-1]}_split{PAIR_ORDER[2][0]}_seed{PAIR_ORDER[2][1]}.json"
+    kept = missing.read_text()
+    missing.unlink()
+    assert screen(tmp_path) is None and wanted("colin27", variants[-1], 0, tmp_path)  # undecided: everything runs
+    missing.write_text(kept)
+    scores = screen(tmp_path)
+    assert passed_screen(scores) == variants[:SCREEN_KEEP] and scores[variants[0]] == 0.9
+    assert wanted("embedded2d_5", variants[-1], SCREEN_PAIRS - 1, tmp_path)  # the screen's own pairs
+    assert not wanted("embedded2d_5", variants[-1], SCREEN_PAIRS, tmp_path)
+    assert not wanted("colin27", variants[-1], 0, tmp_path) and wanted("colin27", variants[0], 0, tmp_path)
+    assert all(wanted("macaque", arm, 5, tmp_path) for arm in (*BASELINES, "uncol"))
+    assert f"only {' and '.join(variants[:SCREEN_KEEP])} run" in table(tmp_path)
+
+
+def test_a_single_run_shows_its_mean_without_a_spread(tmp_path):
+    (tmp_path / "embedded2d_10").mkdir()
+    write_run(tmp_path / "embedded2d_10", "supervised", (0, 0), 0.6)
+    row = next(line for line in table(tmp_path).splitlines() if "| supervised |" in line)
+    assert "±" not in row and "organ 0.600, lesion 0.600 | 0.600 |" in row
