@@ -203,6 +203,18 @@ def test_plan_slices_keeps_its_promises_or_says_why_not():
         real_brain.plan_slices(narrow, 1.0, 5)
 
 
+def test_colin27s_test_slab_is_near_the_largest_its_brain_allows(source, prepared):
+    """real_data.md: one brain leaves no room for a much larger test split. Beside the 3-slice validation
+    slab a 6-slice test slab still has an admissible placement, a 7-slice one has none."""
+    d = json.loads(prepared["colin27"].read_text())
+    atlas = np.asanyarray(nib.load(source / d["source"]["labels"]).dataobj)
+    area = np.stack([np.isin(atlas, d["source"]["label_values"][c]).sum((0, 1)) for c in CLASSES], 1)
+    assert len(d["test"]) == 5 and len(d["validation"]) == 3
+    assert len(real_brain.plan_slices(area, 1.0, stats_min_pixels(d), (6, 3))["test"]) == 6
+    with pytest.raises(SystemExit, match="^error: no placement of a 7-slice test and a 3-slice validation slab"):
+        real_brain.plan_slices(area, 1.0, stats_min_pixels(d), (7, 3))
+
+
 def test_interleaved_plan_alternates_single_slices_with_training_between(monkeypatch):
     """On made-up areas, the interleaved layout takes every (2 gap + 1 + INTERLEAVED_TRAIN_SLICES)-th
     slice through the classes, alternately test and validation, each with its gaps; the rest trains.
