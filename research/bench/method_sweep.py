@@ -88,6 +88,7 @@ TASKS = {
         "configs": ["train_3d.json"],
         "bundle": {"roi_size": [64, 64, 32], "batch_size": 2, "pretrain_batch_size": 2},
         "epochs": 20,
+        "verdict_pairs": 3,
     },
     # nothing unlabelled: stage 2 reads the labelled list as its unlabelled stream, at weight 0
     "embedded2d_full": {
@@ -156,12 +157,24 @@ def wanted(task: str, arm: str, pair_index: int, results_dir: Path = RESULTS) ->
     return scores is None or arm in passed_screen(scores)
 
 
-def compare(arm: dict, base: dict, pairs: list[tuple[int, int]], metrics: str = "metrics") -> str:
-    """``difference ± SE, wins of pairs, p`` of mean Dice, ``arm`` minus ``base``, and its verdict."""
+#: pairs a cell needs before its table gives a verdict (the protocol's count; the 3D cell's own is smaller)
+VERDICT_PAIRS = 6
+
+
+def verdict_pairs(task: str) -> int:
+    return TASKS[task].get("verdict_pairs", VERDICT_PAIRS)
+
+
+def compare(
+    arm: dict, base: dict, pairs: list[tuple[int, int]], metrics: str = "metrics", needed: int = VERDICT_PAIRS
+) -> str:
+    """``difference ± SE, wins of pairs, p`` of mean Dice, ``arm`` minus ``base``, and its verdict once
+    there are ``needed`` pairs (before, a low p on a few pairs would read as a finding)."""
     diffs = [mean_dice(arm[k], metrics) - mean_dice(base[k], metrics) for k in pairs]
     mean, se, p = paired_t(diffs)
     one_sided = p / 2 if mean > 0 else 1 - p / 2
     verdict = "ahead" if one_sided < 0.05 else "behind" if p < 0.05 else "level"
+    verdict = verdict if len(diffs) >= needed else "too few pairs"
     return f"{mean:+.3f} ± {se:.3f}, {sum(d > 0 for d in diffs)} of {len(diffs)}, p {p:.2g}: {verdict}"
 
 
@@ -222,7 +235,7 @@ def table(results_dir: Path = RESULTS) -> str:
             cells = []
             for base in BASELINES:
                 shared = sorted(set(runs) & set(by_arm[base])) if base != arm else []
-                cells.append(compare(runs, by_arm[base], shared) if len(shared) > 1 else "")
+                cells.append(compare(runs, by_arm[base], shared, needed=verdict_pairs(task)) if len(shared) > 1 else "")
             validation = [mean_dice(r, "validation_metrics") for r in rs]
             logs = [r.get("stage2_log", {}) for r in rs]
             gate = [
@@ -239,10 +252,11 @@ def table(results_dir: Path = RESULTS) -> str:
         f"Commits {', '.join(sorted(commits)) or '-'}. Pairs are (labelled subset, seed): the split seed picks "
         "the labelled cases, the seed drives training; each method is compared with each baseline on the pairs "
         "both have: the mean paired difference of mean foreground Dice ± its standard error, the pairs it is "
-        "higher on, the two-sided paired-t p, and the verdict (ahead: one-sided p < 0.05; behind: two-sided "
-        'p < 0.05; else level). "±" on Dice and on validation Dice: sample std over pairs. Kept by the gate '
-        "and from the generalized teacher: stage 2's logged means (the soft gate's kept share is its mean "
-        "weight). Command: `python -m research.bench.method_sweep --task <cell>`.",
+        "higher on, the two-sided paired-t p, and the verdict once the cell has its pairs (6; embedded3d 3): "
+        'ahead: one-sided p < 0.05; behind: two-sided p < 0.05; else level ("too few pairs" before). "±" on '
+        "Dice and on validation Dice: sample std over pairs. Kept by the gate and from the generalized teacher: "
+        "stage 2's logged means (the soft gate's kept share is its mean weight). Command: "
+        "`python -m research.bench.method_sweep --task <cell>`.",
     ]
     full = share_of_full(results_dir)
     if full is not None:

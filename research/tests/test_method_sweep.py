@@ -87,6 +87,13 @@ def test_verdicts_ahead_behind_and_level_come_from_the_paired_test(tmp_path):
     assert rows["copy_paste"][6].endswith("behind") and rows["copy_paste"][7].endswith("behind")
     assert rows["uncol"][6].endswith("level") and rows["supervised"][6] == "" and rows["uncol"][3] == "6"
     assert rows["uncol"][9] == "0.500 ± 0.000" and rows["uncol"][10:12] == ["0.90", "0.60"]
+    for pair in pairs[3:]:  # three pairs: the same differences, no verdict yet
+        for arm in ("supervised", "mean_teacher", "copy_paste", "uncol"):
+            (folder / f"{arm}_split{pair[0]}_seed{pair[1]}.json").unlink()
+    lines = [line.split("|") for line in table(tmp_path).splitlines() if line.startswith("|")]
+    rows = {cells[2].strip(): [c.strip() for c in cells] for cells in lines}
+    assert rows["mean_teacher"][6].startswith("+0.050 ± 0.000, 3 of 3")
+    assert rows["mean_teacher"][6].endswith("p 0: too few pairs")
 
 
 def test_the_configuration_is_chosen_on_validation_over_every_2d_cell_never_on_test(tmp_path):
