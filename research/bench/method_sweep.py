@@ -142,9 +142,9 @@ def screen(results_dir: Path = RESULTS) -> dict[str, float] | None:
     return scores
 
 
-def passed_screen(scores: dict[str, float]) -> list[str]:
-    """The SCREEN_KEEP variants with the highest screen score, best first."""
-    return sorted(scores, key=lambda arm: -scores[arm])[:SCREEN_KEEP]
+def passed_screen(scores: dict[str, float], keep: int = SCREEN_KEEP) -> list[str]:
+    """The ``keep`` variants with the highest screen score, best first."""
+    return sorted(scores, key=lambda arm: -scores[arm])[:keep]
 
 
 def wanted(task: str, arm: str, pair_index: int, results_dir: Path = RESULTS) -> bool:
@@ -263,8 +263,9 @@ def table(results_dir: Path = RESULTS) -> str:
         lines += ["", full]
     scores = screen(results_dir)
     if scores is not None:
-        passed = passed_screen(scores)
-        listed = ", ".join(f"{arm} {scores[arm]:.3f}" for arm in sorted(scores, key=lambda a: -scores[a]))
+        ranked = passed_screen(scores, keep=len(scores))
+        passed = ranked[:SCREEN_KEEP]
+        listed = ", ".join(f"{arm} {scores[arm]:.3f}" for arm in ranked)
         lines += [
             "",
             f"Screen (validation mean Dice on the first {SCREEN_PAIRS} pairs of {' and '.join(SCREEN_CELLS)}, "
