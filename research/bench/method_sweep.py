@@ -165,17 +165,26 @@ def verdict_pairs(task: str) -> int:
     return TASKS[task].get("verdict_pairs", VERDICT_PAIRS)
 
 
-def compare(
+def paired_call(
     arm: dict, base: dict, pairs: list[tuple[int, int]], metrics: str = "metrics", needed: int = VERDICT_PAIRS
-) -> str:
-    """``difference ± SE, wins of pairs, p`` of mean Dice, ``arm`` minus ``base``, and its verdict once
-    there are ``needed`` pairs (before, a low p on a few pairs would read as a finding)."""
+) -> dict:
+    """Mean paired difference of mean Dice, ``arm`` minus ``base``, its SE, the pairs ``arm`` is higher on, the
+    two-sided p, and the verdict once there are ``needed`` pairs (before, a low p on a few pairs would read
+    as a finding): ahead at one-sided p < 0.05, behind at two-sided p < 0.05, else level."""
     diffs = [mean_dice(arm[k], metrics) - mean_dice(base[k], metrics) for k in pairs]
     mean, se, p = paired_t(diffs)
     one_sided = p / 2 if mean > 0 else 1 - p / 2
     verdict = "ahead" if one_sided < 0.05 else "behind" if p < 0.05 else "level"
     verdict = verdict if len(diffs) >= needed else "too few pairs"
-    return f"{mean:+.3f} ± {se:.3f}, {sum(d > 0 for d in diffs)} of {len(diffs)}, p {p:.2g}: {verdict}"
+    return {"mean": mean, "se": se, "higher": sum(d > 0 for d in diffs), "n": len(diffs), "p": p, "verdict": verdict}
+
+
+def compare(
+    arm: dict, base: dict, pairs: list[tuple[int, int]], metrics: str = "metrics", needed: int = VERDICT_PAIRS
+) -> str:
+    """``difference ± SE, wins of pairs, p: verdict`` (:func:`paired_call`) as the table shows it."""
+    c = paired_call(arm, base, pairs, metrics, needed)
+    return f"{c['mean']:+.3f} ± {c['se']:.3f}, {c['higher']} of {c['n']}, p {c['p']:.2g}: {c['verdict']}"
 
 
 #: the cells a default is chosen on (a default on every 2D task, never on one)
@@ -279,6 +288,76 @@ def table(results_dir: Path = RESULTS) -> str:
     return "\n".join(lines)
 
 
+#: README.md's answer: its section, the cells it reads as a user names them, the baselines by name
+ANSWER_SECTION = "uncol-answer"
+ANSWER_CELLS = {
+    "embedded2d_5": "embedded 2D phantoms, 5 % labelled",
+    "embedded2d_10": "embedded 2D phantoms, 10 % labelled",
+    "colin27": "Colin27 deep grey nuclei, 10 % of the slices labelled",
+    "macaque": "macaque deep grey nuclei, 10 % of the slices labelled",
+    "embedded3d": "embedded 3D phantoms in patches, 2 of 20 volumes labelled",
+}
+BASELINE_NAMES = {
+    "supervised": "supervised-only",
+    "mean_teacher": "Mean Teacher",
+    "copy_paste": "Mean Teacher + copy-paste",
+}
+
+
+def answer(results_dir: Path = RESULTS) -> str:
+    """Does the default help? ``uncol`` (train.json's defaults) against each baseline in every cell, as
+    verdicts only (the figures stay in results.md's table), and the count of 2D cells where it is ahead
+    of all three or behind one."""
+    rows = [
+        "| task | pairs | " + " | ".join(f"vs {BASELINE_NAMES[b]}" for b in BASELINES) + " |",
+        "|---|---|" + "---|" * len(BASELINES),
+    ]
+    decided, ahead_of_all, behind_one = [], [], []
+
+    def names(tasks: list[str]) -> str:
+        return "; ".join(ANSWER_CELLS[t] for t in tasks) or "none"
+
+    for task, name in ANSWER_CELLS.items():
+        by_arm = SWEEP.load(task, results_dir)
+        needed = verdict_pairs(task)
+        calls = []
+        for base in BASELINES:
+            shared = sorted(set(by_arm["uncol"]) & set(by_arm[base]))
+            calls.append(paired_call(by_arm["uncol"], by_arm[base], shared, needed=needed) if shared else None)
+        pairs = len(by_arm["uncol"])
+        words = [
+            "not run yet"
+            if c is None
+            else f"{c['verdict']}, higher on {c['higher']} of {c['n']}"
+            if c["n"] >= needed
+            else f"higher on {c['higher']} of {c['n']} so far"
+            for c in calls
+        ]
+        rows.append(f"| {name} | {pairs} of {needed} | " + " | ".join(words) + " |")
+        if task in CHOICE_CELLS and all(c and c["n"] >= needed for c in calls):
+            decided.append(task)
+            if all(c["verdict"] == "ahead" for c in calls):
+                ahead_of_all.append(task)
+            if any(c["verdict"] == "behind" for c in calls):
+                behind_one.append(task)
+    if decided:
+        summary = (
+            f"2D tasks with all their pairs: {len(decided)} of {len(CHOICE_CELLS)}; the default is ahead of all "
+            f"three baselines in {len(ahead_of_all)} ({names(ahead_of_all)}) and behind one in {len(behind_one)} "
+            f"({names(behind_one)})."
+        )
+    else:
+        summary = "No 2D task has its pairs yet: every verdict below is still open."
+    legend = (
+        "UnCoL with train.json's defaults against the methods a team would otherwise run, each a whole run on "
+        "the same (labelled subset, seed) pairs; *ahead*: one-sided paired p < 0.05, *behind*: two-sided "
+        f"p < 0.05, a verdict only once a task has its pairs ({VERDICT_PAIRS}; {verdict_pairs('embedded3d')} in "
+        "3D). The figures, their spreads and every other configuration: [research/results.md](research/results.md"
+        "#uncol-against-the-methods-a-team-would-run-issue-38), written by `python -m research.bench.method_sweep`."
+    )
+    return "\n".join([summary, "", legend, "", *rows])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=sorted(TASKS), action="append", help="default: every cell")
@@ -300,6 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     text = table()
     print(text)
     replace_section(ROOT / "research" / "results.md", SECTION, text)
+    replace_section(ROOT / "README.md", ANSWER_SECTION, answer(), create=False)
 
 
 if __name__ == "__main__":

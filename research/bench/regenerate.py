@@ -1,4 +1,4 @@
-"""Every generated section of research/results.md and research/real_data.md, rebuilt from the committed JSONs.
+"""Every generated section of research/results.md, research/real_data.md and README.md, from the committed JSONs.
 
     python -m research.bench.regenerate           # rewrite every section, and the plots, from research/results/
     python -m research.bench.regenerate --check   # name the sections that differ from the pages; write nothing
@@ -10,7 +10,7 @@ Each section comes from the script that measures it (its ``--report-only`` path 
 ``fresh-clone`` (fresh_clone.py), ``plan-probes`` (plan_probe.py), ``step-profile`` (profile_steps.py),
 ``inference-speed`` (inference_speed.py), ``switch-probes`` (switch_probe.py), ``method-sweep``
 (method_sweep.py), ``run-cost`` (run_cost.py) and
-``uncol-summary`` (summary.py, which also writes README.md's copy).
+``uncol-summary`` (summary.py); README.md's ``uncol-answer`` (method_sweep.py's answer).
 No training runs. research/tests/test_generated.py rebuilds the pages this way and fails on any
 difference, and on any marked section no generator writes.
 """
@@ -86,10 +86,19 @@ def data_sections(results: Path = RESULTS) -> dict[str, Callable[[], str]]:
     return {"real-splits": lambda: real_report.split_table(results / "real")}
 
 
+def readme_sections(results: Path = RESULTS) -> dict[str, Callable[[], str]]:
+    """README.md's one generated section: the method sweep's answer, which links to results.md's table."""
+    return {method_sweep.ANSWER_SECTION: lambda: method_sweep.answer(results / "method_sweep")}
+
+
 def pages(research: Path = RESEARCH) -> dict[Path, dict[str, Callable[[], str]]]:
-    """Each generated page of the research record and its sections, from ``research/results``."""
+    """Each generated page (the research record's two and the README) and its sections, from ``research/results``."""
     results = research / "results"
-    return {research / "results.md": results_sections(results), research / "real_data.md": data_sections(results)}
+    return {
+        research / "results.md": results_sections(results),
+        research / "real_data.md": data_sections(results),
+        research.parent / "README.md": readme_sections(results),
+    }
 
 
 def plots(results: Path = RESULTS) -> None:
@@ -125,8 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(stale) or "every generated section is up to date")
         sys.exit(1 if stale else 0)
     plots()
-    print(f"rewrote {sum(len(s) for s in pages().values())} sections and the plots; README.md: "
-          "python -m research.bench.summary")  # fmt: skip
+    print(f"rewrote {sum(len(s) for s in pages().values())} sections and the plots")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
-"""Does UnCoL help, and where? Its runs paired by seed with supervised-only, from the committed run JSONs.
+"""The earlier sweep's answer: UnCoL's runs paired by seed with supervised-only, from its committed run JSONs.
 
-    python -m research.bench.summary          # README.md's and research/results.md's uncol-summary section
-    python -m research.bench.summary --readme /tmp/README.md --results-md /tmp/results.md
+    python -m research.bench.summary          # research/results.md's uncol-summary section
+    python -m research.bench.summary --results-md /tmp/results.md
+
+The method sweep (method_sweep.py: labelled subsets varied, 6 pairs a cell) has taken over the question
+and README.md's answer; this table stays as the record of the 3-seed sweep before it.
 
 Every (setting, labelled fraction) cell of ``research/results/runs/<setting>/`` (the sweep's run
 JSONs, ``research/bench/sweep.py``) in which UnCoL as the paper gives it (method ``uncol``: both
@@ -132,11 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder holding runs/<setting>/*.json")
     parser.add_argument("--results-md", type=Path, default=ROOT / "research" / "results.md")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md", help="must hold the section's markers")
     args = parser.parse_args(argv)
     text = table(args.results)
     replace_section(args.results_md, SECTION, text)
-    replace_section(args.readme, SECTION, text, create=False)
     print(text)
 
 

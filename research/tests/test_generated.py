@@ -1,5 +1,5 @@
 """The research pages' figures are the committed results': every generated section of research/results.md
-and research/real_data.md (and README.md's copy of the summary) is rebuilt from the committed JSONs by
+and research/real_data.md (and README.md's answer) is rebuilt from the committed JSONs by
 its generator into a temporary copy, and any difference with the committed page fails. No training runs."""
 
 from __future__ import annotations
@@ -43,30 +43,27 @@ def test_every_generated_section_is_rebuilt_from_the_committed_json(page, tmp_pa
     assert rebuilt == committed
 
 
-def test_the_summary_writes_the_same_table_into_a_readme_with_the_markers(tmp_path):
-    """summary.py writes README.md's block and results.md's section from one table; a README without
-    the markers stops it instead of growing a section at its end."""
-    readme, page = tmp_path / "README.md", tmp_path / "results.md"
-    readme.write_text("# UnCoL-MONAI\n\nprose\n\n<!-- uncol-summary:start -->\n<!-- uncol-summary:end -->\n\nmore\n")
+def test_the_summary_writes_its_section_of_results_md_and_nothing_else(tmp_path):
+    """summary.py's table (the earlier sweep's answer) goes to results.md only; README.md's answer is the
+    method sweep's."""
+    page = tmp_path / "results.md"
     shutil.copy(RESEARCH / "results.md", page)
-    summary.main(["--readme", str(readme), "--results-md", str(page)])
-    assert section(readme.read_text(), summary.SECTION) == section(page.read_text(), summary.SECTION)
-    assert page.read_text() == (RESEARCH / "results.md").read_text()
-    assert readme.read_text().startswith("# UnCoL-MONAI\n\nprose\n\n") and readme.read_text().endswith("\n\nmore\n")
-    bare = tmp_path / "bare.md"
-    bare.write_text("# no markers\n")
-    with pytest.raises(SystemExit):
-        summary.main(["--readme", str(bare), "--results-md", str(page)])
-    assert bare.read_text() == "# no markers\n"
+    readme = (ROOT / "README.md").read_text()
+    summary.main(["--results-md", str(page)])
+    assert page.read_text() == (RESEARCH / "results.md").read_text() and (ROOT / "README.md").read_text() == readme
+    assert summary.SECTION not in markers(readme)
 
 
-def test_the_readme_summary_block_is_the_generated_table(tmp_path):
-    """README.md's copy of the summary, once written (python -m research.bench.summary), is the table the
-    committed runs give."""
-    text = (ROOT / "README.md").read_text()
-    if summary.SECTION not in markers(text) or not section(text, summary.SECTION):
-        pytest.skip("README.md's uncol-summary block is not written yet: python -m research.bench.summary")
-    assert section(text, summary.SECTION) == summary.table(RESULTS).strip()
+def test_the_readmes_link_to_the_method_sweep_lands_on_a_heading_of_results_md():
+    """The answer's link names results.md's heading by GitHub's anchor (lower case, punctuation dropped,
+    spaces as hyphens); a renamed heading would leave the README pointing nowhere."""
+    anchors = {
+        re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        for line in (RESEARCH / "results.md").read_text().splitlines()
+        if line.startswith("#")
+    }
+    links = re.findall(r"research/results\.md#([\w-]+)", (ROOT / "README.md").read_text())
+    assert links and set(links) <= anchors
 
 
 def test_the_summary_pairs_runs_by_seed_and_calls_a_method_ahead_only_at_p_below_005():

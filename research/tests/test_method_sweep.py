@@ -11,6 +11,7 @@ from research.bench.method_sweep import (
     SCREEN_CELLS,
     SCREEN_KEEP,
     SCREEN_PAIRS,
+    answer,
     chosen_by_validation,
     default_arms,
     pairs_for,
@@ -149,3 +150,22 @@ def test_a_single_run_shows_its_mean_without_a_spread(tmp_path):
     write_run(tmp_path / "embedded2d_10", "supervised", (0, 0), 0.6)
     row = next(line for line in table(tmp_path).splitlines() if "| supervised |" in line)
     assert "±" not in row and "organ 0.600, lesion 0.600 | 0.600 |" in row
+
+
+def test_the_readme_answer_gives_verdicts_once_a_cell_has_its_pairs_and_no_figures(tmp_path):
+    folder = tmp_path / "embedded2d_10"
+    folder.mkdir()
+    for i, pair in enumerate(PAIR_ORDER[:6]):
+        for rank, arm in enumerate(BASELINES):
+            write_run(folder, arm, pair, 0.40 + 0.01 * rank + 0.02 * i)
+        write_run(folder, "uncol", pair, 0.50 + 0.02 * i + 0.001 * (i % 2))  # ahead of all three
+    text = answer(tmp_path)
+    row = next(line for line in text.splitlines() if line.startswith("| embedded 2D phantoms, 10 %"))
+    assert row.count("ahead, higher on 6 of 6") == len(BASELINES) and "| 6 of 6 |" in row
+    assert "0.5" not in text and "0.4" not in text  # the figures stay in results.md's table
+    assert text.startswith("2D tasks with all their pairs: 1 of 4; the default is ahead of all three baselines in 1 (")
+    assert "| Colin27 deep grey nuclei, 10 % of the slices labelled | 0 of 6 | not run yet" in text
+    for pair in PAIR_ORDER[3:6]:
+        (folder / f"uncol_split{pair[0]}_seed{pair[1]}.json").unlink()
+    text = answer(tmp_path)
+    assert text.startswith("No 2D task has its pairs yet") and "| 3 of 6 | higher on 3 of 3 so far |" in text
