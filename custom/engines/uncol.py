@@ -581,7 +581,7 @@ class SemiSupervisedIteration:
         unsup_weight = self.scheduled("unsup_weight", engine)
         unsup_weight = 1.0 if unsup_weight is None else unsup_weight
 
-        reused_before = self.generalized_reused
+        reused_before, calls_before = self.generalized_reused, self.generalized_calls
         context = unlabelled.get(self.context_key) if self.context_key else None
         starts = unlabelled.get(f"{self.context_key}_start") if context is not None else None
         spec, gen = self.teacher_probs(weak, context, starts)
@@ -636,6 +636,7 @@ class SemiSupervisedIteration:
             **gated.stats(),
             **{f"loss_{k}": float(v.detach()) for k, v in distill.items()},
         )
-        if self.generalized is not None:
-            output["generalized_reused"] = (self.generalized_reused - reused_before) / len(weak)
+        if self.generalized is not None:  # of the images the teacher saw (in 3D, the patches' slices)
+            calls = max(self.generalized_calls - calls_before, 1)
+            output["generalized_reused"] = (self.generalized_reused - reused_before) / calls
         return _optimise(engine, loss, cuda_amp)
