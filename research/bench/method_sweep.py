@@ -34,7 +34,7 @@ import statistics
 from pathlib import Path
 
 from research.bench.paired import PAIR_ORDER, mean_dice, mean_dice_spread, paired_t, per_class, spread
-from research.bench.paired_runs import Arm, PairedRuns
+from research.bench.paired_runs import EMBEDDED3D, Arm, PairedRuns
 from research.bench.report import replace_section
 from research.bench.sweep import ROOT, TRAIN
 
@@ -83,13 +83,7 @@ TASKS = {
     "embedded2d_10": {"data": {**PHANTOMS_2D, "num_labelled": 6}, "epochs": 32},
     "colin27": {"task": "colin27", "fraction": 0.1, "epochs": 32},
     "macaque": {"task": "macaque", "fraction": 0.1, "epochs": 32},
-    "embedded3d": {
-        "data": {"spatial_dims": 3, "num_train": 20, "num_validation": 4, "num_test": 8, "num_labelled": 2},
-        "configs": ["train_3d.json"],
-        "bundle": {"roi_size": [64, 64, 32], "batch_size": 2, "pretrain_batch_size": 2},
-        "epochs": 20,
-        "verdict_pairs": 3,
-    },
+    "embedded3d": {**EMBEDDED3D, "verdict_pairs": 3},
     # nothing unlabelled: stage 2 reads the labelled list as its unlabelled stream, at weight 0
     "embedded2d_full": {
         "data": {**PHANTOMS_2D, "num_labelled": 60},

@@ -34,6 +34,19 @@ class Arm:
 #: was reused, the fraction of pseudo-labels from the generalized teacher, the fraction kept by the gate
 STAGE2_LOG = ("generalized_reused", "gate_from_generalized", "gate_kept")
 
+#: the 3D phantom task of the switch probe and the method sweep alike (the sweep's ``3d_patch`` setting: 20
+#: training volumes of which the split seed labels 2, 64x64x32 patches, batch 2, 20 + 20 epochs); its data,
+#: teacher cache and stage 1 checkpoints sit in one folder both use (``shared_work``, under their common work
+#: root), so a stage 1 or a teacher encoding either one paid for serves the other (never run both on the same
+#: pair at once: each would train that stage 1 into the folder the other is writing)
+EMBEDDED3D = {
+    "data": {"spatial_dims": 3, "num_train": 20, "num_validation": 4, "num_test": 8, "num_labelled": 2},
+    "configs": ["train_3d.json"],
+    "bundle": {"roi_size": [64, 64, 32], "batch_size": 2, "pretrain_batch_size": 2},
+    "epochs": 20,
+    "shared_work": "embedded3d",
+}
+
 
 def configs_for(spec: dict) -> list[str]:
     """train.json and what the task layers on it (train_3d.json in 3D)."""
@@ -91,6 +104,12 @@ class PairedRuns:
     results: Path
     work: Path
 
+    def task_work(self, task: str) -> Path:
+        """Where ``task``'s data, teacher cache, stage 1 checkpoints and runs go: its own folder, or the one it
+        shares with the other users of the same work root (``shared_work``)."""
+        shared = self.tasks[task].get("shared_work")
+        return self.work.parent / shared if shared else self.work / task
+
     def stage1(self, task: str, arm: str, split_seed: int, seed: int, shared: dict) -> tuple[Path, float]:
         """The arm's stage 1 checkpoint and its seconds, trained unless a run of the same stage 1 has it."""
         from monai.bundle import run
@@ -98,7 +117,7 @@ class PairedRuns:
         spec = self.arms[arm]
         name = "_".join(f"{k.split('#')[-1]}_{v}" for k, v in spec.network.items()) or "default"
         name = name if spec.stage1 == "both" else f"{name}_distillation_{spec.stage1}"
-        root = self.work / task / "stage1" / f"{name}_split{split_seed}_seed{seed}"
+        root = self.task_work(task) / "stage1" / f"{name}_split{split_seed}_seed{seed}"
         record = root / "stage1.json"
         if record.is_file():
             return root / "models" / "pretrain.pt", json.loads(record.read_text())["seconds"]
@@ -126,16 +145,17 @@ class PairedRuns:
         from monai.bundle import run
 
         out = self.results / task / f"{arm}_split{split_seed}_seed{seed}.json"
-        root = self.work / task / "runs" / f"{arm}_split{split_seed}_seed{seed}"
+        root = self.task_work(task) / "runs" / f"{arm}_split{split_seed}_seed{seed}"
         if out.is_file():
             return json.loads(out.read_text())
         spec = self.tasks[task]
-        datalist = datalist_for(spec, self.work / task, split_seed)
+        work = self.task_work(task)
+        datalist = datalist_for(spec, work, split_seed)
         shared = {
             "use_embedded_data": False,
             "datalist": str(datalist),
             "config_dir": str(CONFIGS),
-            "teacher_cache_dir": str(self.work / task / "teacher_cache"),
+            "teacher_cache_dir": str(work / "teacher_cache"),
             "seed": seed,
             "pretrain_epochs": spec["epochs"],
             "max_epochs": spec["epochs"],
@@ -147,7 +167,7 @@ class PairedRuns:
         warm = datalist.with_suffix(".warm")
         if stage2.get("teachers", "both") != "specialized" and not warm.is_file():
             # no timed stage 2 pays for encoding the unlabelled images
-            warm_teacher_cache(configs_for(spec), {"bundle_root": str(self.work / task), **shared})
+            warm_teacher_cache(configs_for(spec), {"bundle_root": str(work), **shared})
             warm.touch()
         shutil.rmtree(root, ignore_errors=True)
         (root / "models").mkdir(parents=True)

@@ -27,7 +27,7 @@ import statistics
 from pathlib import Path
 
 from research.bench.paired import PAIR_ORDER, mean_dice, mean_dice_spread, paired_t, per_class
-from research.bench.paired_runs import Arm, PairedRuns
+from research.bench.paired_runs import EMBEDDED3D, Arm, PairedRuns
 from research.bench.report import replace_section
 from research.bench.sweep import ROOT
 
@@ -58,13 +58,7 @@ TASKS = {
     },
     "colin27": {"task": "colin27", "fraction": 0.1, "epochs": 32, "arms": ["current", "current_reuse_8"]},
     "macaque": {"task": "macaque", "fraction": 0.1, "epochs": 32, "arms": ["current", "current_reuse_8"]},
-    "embedded3d": {
-        "data": {"spatial_dims": 3, "num_train": 20, "num_validation": 4, "num_test": 8, "num_labelled": 2},
-        "configs": ["train_3d.json"],
-        "bundle": {"roi_size": [64, 64, 32], "batch_size": 2, "pretrain_batch_size": 2},
-        "epochs": 20,
-        "arms": ["current", "single", "single_stride_2", "single_stride_3"],
-    },
+    "embedded3d": {**EMBEDDED3D, "arms": ["current", "single", "single_stride_2", "single_stride_3"]},
 }
 PROBE = PairedRuns(TASKS, ARMS, RESULTS, WORK)
 
