@@ -199,6 +199,26 @@ def chosen_by_validation(results_dir: Path = RESULTS) -> tuple[str, dict[str, fl
     return (max(averages, key=averages.get), averages) if averages else None
 
 
+#: the baselines a chosen configuration must beat on the 2D cells to become train.json's defaults (issue 38)
+MUST_BEAT = ("supervised", "mean_teacher")
+
+
+def beats_on_choice_cells(arm: str, results_dir: Path = RESULTS) -> dict[str, dict]:
+    """``arm`` against each of :data:`MUST_BEAT` on every pair of every :data:`CHOICE_CELLS` cell both have
+    (the paired differences of all the cells pooled), with a verdict once every cell has its pairs."""
+    loaded = [SWEEP.load(task, results_dir) for task in CHOICE_CELLS]
+    needed = VERDICT_PAIRS * len(CHOICE_CELLS)
+    calls = {}
+    for base in MUST_BEAT:
+        arm_runs, base_runs = {}, {}
+        for task, by_arm in zip(CHOICE_CELLS, loaded, strict=True):
+            for pair in set(by_arm[arm]) & set(by_arm[base]):
+                arm_runs[(task, pair)], base_runs[(task, pair)] = by_arm[arm][pair], by_arm[base][pair]
+        if len(arm_runs) > 1:
+            calls[base] = paired_call(arm_runs, base_runs, sorted(arm_runs), needed=needed)
+    return calls
+
+
 #: the cell whose methods are measured against full supervision, and the cell that is full supervision
 TARGET_CELL, FULL_CELL = "embedded2d_10", "embedded2d_full"
 
@@ -279,6 +299,22 @@ def table(results_dir: Path = RESULTS) -> str:
         best, averages = choice
         listed = ", ".join(f"{arm} {value:.3f}" for arm, value in sorted(averages.items(), key=lambda kv: -kv[1]))
         lines += ["", f"Chosen by validation Dice (mean over {', '.join(CHOICE_CELLS)}): **{best}** ({listed})."]
+        calls = beats_on_choice_cells(best, results_dir)
+        if calls:
+            against = "; ".join(
+                f"− {base}: {c['mean']:+.3f} ± {c['se']:.3f}, {c['higher']} of {c['n']}, p {c['p']:.2g}: {c['verdict']}"
+                for base, c in calls.items()
+            )
+            earned = len(calls) == len(MUST_BEAT) and all(c["verdict"] == "ahead" for c in calls.values())
+            undecided = any(c["verdict"] == "too few pairs" for c in calls.values()) or len(calls) < len(MUST_BEAT)
+            outcome = (
+                "undecided" if undecided else "it becomes train.json's defaults" if earned else "the defaults stay"
+            )
+            lines += [
+                "",
+                f"{best} against the baselines it must beat, every pair of those cells pooled (test mean Dice; "
+                f"verdict at {VERDICT_PAIRS * len(CHOICE_CELLS)} pairs): {against}. So: {outcome}.",
+            ]
     return "\n".join(lines)
 
 

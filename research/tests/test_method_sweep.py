@@ -12,6 +12,7 @@ from research.bench.method_sweep import (
     SCREEN_KEEP,
     SCREEN_PAIRS,
     answer,
+    beats_on_choice_cells,
     chosen_by_validation,
     default_arms,
     pairs_for,
@@ -169,3 +170,24 @@ def test_the_readme_answer_gives_verdicts_once_a_cell_has_its_pairs_and_no_figur
         (folder / f"uncol_split{pair[0]}_seed{pair[1]}.json").unlink()
     text = answer(tmp_path)
     assert text.startswith("No 2D task has its pairs yet") and "| 3 of 6 | higher on 3 of 3 so far |" in text
+
+
+def test_the_chosen_configuration_becomes_the_default_only_ahead_of_supervised_and_mean_teacher_pooled(tmp_path):
+    for cell in CHOICE_CELLS:
+        (tmp_path / cell).mkdir()
+        for i, pair in enumerate(PAIR_ORDER[:6]):
+            write_run(tmp_path / cell, "uncol", pair, dice=0.60 + 0.01 * i, validation=0.55)
+            write_run(tmp_path / cell, "supervised", pair, dice=0.50 + 0.01 * i + 0.002 * (i % 2))
+            write_run(tmp_path / cell, "mean_teacher", pair, dice=0.55 + 0.01 * i + 0.003 * (i % 3))
+    calls = beats_on_choice_cells("uncol", tmp_path)
+    assert calls["supervised"]["n"] == 24 and calls["mean_teacher"]["verdict"] == "ahead"
+    assert "So: it becomes train.json's defaults." in table(tmp_path)
+    for i, pair in enumerate(PAIR_ORDER[:6]):  # Mean Teacher as good in one cell: pooled, still ahead
+        write_run(tmp_path / CHOICE_CELLS[0], "mean_teacher", pair, dice=0.60 + 0.01 * i + 0.001 * (i % 2))
+    assert beats_on_choice_cells("uncol", tmp_path)["mean_teacher"]["verdict"] == "ahead"
+    for cell in CHOICE_CELLS:  # Mean Teacher better everywhere: the defaults stay
+        for i, pair in enumerate(PAIR_ORDER[:6]):
+            write_run(tmp_path / cell, "mean_teacher", pair, dice=0.65 + 0.01 * i + 0.001 * (i % 2))
+    assert "So: the defaults stay." in table(tmp_path)
+    (tmp_path / CHOICE_CELLS[0] / "supervised_split0_seed0.json").unlink()
+    assert "So: undecided." in table(tmp_path)  # a cell short of its pairs
