@@ -177,8 +177,14 @@ def compare(
     arm: dict, base: dict, pairs: list[tuple[int, int]], metrics: str = "metrics", needed: int = VERDICT_PAIRS
 ) -> str:
     """``difference ± SE, wins of pairs, p: verdict`` (:func:`paired_call`) as the table shows it."""
-    c = paired_call(arm, base, pairs, metrics, needed)
-    return f"{c['mean']:+.3f} ± {c['se']:.3f}, {c['higher']} of {c['n']}, p {c['p']:.2g}: {c['verdict']}"
+    return call_text(paired_call(arm, base, pairs, metrics, needed))
+
+
+def call_text(call: dict) -> str:
+    """A :func:`paired_call` as the table writes it."""
+    return (
+        f"{call['mean']:+.3f} ± {call['se']:.3f}, {call['higher']} of {call['n']}, p {call['p']:.2g}: {call['verdict']}"
+    )
 
 
 #: the cells a default is chosen on (a default on every 2D task, never on one)
@@ -301,10 +307,7 @@ def table(results_dir: Path = RESULTS) -> str:
         lines += ["", f"Chosen by validation Dice (mean over {', '.join(CHOICE_CELLS)}): **{best}** ({listed})."]
         calls = beats_on_choice_cells(best, results_dir)
         if calls:
-            against = "; ".join(
-                f"− {base}: {c['mean']:+.3f} ± {c['se']:.3f}, {c['higher']} of {c['n']}, p {c['p']:.2g}: {c['verdict']}"
-                for base, c in calls.items()
-            )
+            against = "; ".join(f"− {base}: {call_text(c)}" for base, c in calls.items())
             earned = len(calls) == len(MUST_BEAT) and all(c["verdict"] == "ahead" for c in calls.values())
             undecided = any(c["verdict"] == "too few pairs" for c in calls.values()) or len(calls) < len(MUST_BEAT)
             outcome = (
