@@ -354,6 +354,8 @@ class SemiSupervisedIteration:
         self.specialized_temperature = 1.0
         self.generalized_calls = 0
         self.generalized_reused = 0
+        #: of the images the last teacher_probs gave the generalized teacher (in 3D its slices), the share reused
+        self.reused_share = 0.0
         #: voxels per class of the kept pseudo-labels and of the labelled batches since the last reset
         #: (``PseudoLabelCoverage`` reads them: a class the pseudo-labels never contain is being unlearned)
         self.kept_class_voxels: torch.Tensor | None = None
@@ -466,6 +468,7 @@ class SemiSupervisedIteration:
         around the patch), is prompted with the specialized teacher's boxes moved to the slice's
         coordinates, and its masks are cut to the patch. Without them it sees the patch alone.
         """
+        reused, calls = self.generalized_reused, self.generalized_calls
         self.specialized.eval()
         with record_function("uncol/specialized_teacher"):
             spec = torch.softmax(self.specialized(weak).float() / self.specialized_temperature, 1)
@@ -485,6 +488,7 @@ class SemiSupervisedIteration:
                     gen = self.generalized.from_slices(self._generalized_probs(slices, prompts), len(weak)).to(spec)
                 else:
                     gen = self._generalized_probs(weak, self.generalized.make_prompts(spec)).to(spec)
+        self.reused_share = (self.generalized_reused - reused) / max(self.generalized_calls - calls, 1)
         return spec, gen
 
     def _generalized_in_context(self, spec: torch.Tensor, context: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
@@ -581,7 +585,6 @@ class SemiSupervisedIteration:
         unsup_weight = self.scheduled("unsup_weight", engine)
         unsup_weight = 1.0 if unsup_weight is None else unsup_weight
 
-        reused_before, calls_before = self.generalized_reused, self.generalized_calls
         context = unlabelled.get(self.context_key) if self.context_key else None
         starts = unlabelled.get(f"{self.context_key}_start") if context is not None else None
         spec, gen = self.teacher_probs(weak, context, starts)
@@ -636,7 +639,6 @@ class SemiSupervisedIteration:
             **gated.stats(),
             **{f"loss_{k}": float(v.detach()) for k, v in distill.items()},
         )
-        if self.generalized is not None:  # of the images the teacher saw (in 3D, the patches' slices)
-            calls = max(self.generalized_calls - calls_before, 1)
-            output["generalized_reused"] = (self.generalized_reused - reused_before) / calls
+        if self.generalized is not None:
+            output["generalized_reused"] = self.reused_share
         return _optimise(engine, loss, cuda_amp)
