@@ -5,6 +5,7 @@ import json
 from research.bench.method_sweep import (
     ARMS,
     BASELINES,
+    CALIBRATED,
     CHOICE_CELLS,
     GUARDED,
     PAPER,
@@ -31,6 +32,7 @@ def test_the_paper_arm_names_existing_train_json_keys_and_the_baselines_run_with
     keys = json.loads(open(TRAIN).read())
     assert set(PAPER) <= set(keys)  # a renamed key would silently change the paper arm
     assert set(GUARDED) <= set(keys) and ARMS["uncol_quantile_agree_guarded"].stage2 == GUARDED
+    assert set(CALIBRATED) <= set(keys) and keys["calibration"] != CALIBRATED["calibration"]  # else it is uncol
     for base in BASELINES:
         assert ARMS[base].stage1 == "none" and ARMS[base].stage2["teachers"] == "specialized"
     assert ARMS["copy_paste"].stage2["copy_paste"] == "bidirectional" and ARMS["uncol"].stage2 == {}
@@ -124,18 +126,23 @@ def test_the_target_cells_methods_are_read_against_full_supervision(tmp_path):
     assert line in table(tmp_path)
 
 
-def test_the_screen_keeps_the_variants_best_on_validation_once_every_one_has_its_first_pairs(tmp_path):
+def test_the_screen_keeps_the_variants_best_on_validation_among_those_with_their_first_pairs(tmp_path):
     variants = [a for a in default_arms() if a.startswith("uncol_")]
     for cell in SCREEN_CELLS:
         (tmp_path / cell).mkdir()
+    assert screen(tmp_path) is None and not wanted("colin27", variants[0], 0, tmp_path)  # nothing screened yet
+    for cell in SCREEN_CELLS:
         for pair in PAIR_ORDER[:SCREEN_PAIRS]:
             write_run(tmp_path / cell, "uncol", pair, dice=0.5)
             for rank, arm in enumerate(variants):  # the first variants best on validation, the last best on test
                 write_run(tmp_path / cell, arm, pair, dice=0.1 * rank, validation=0.9 - 0.1 * rank)
-    missing = tmp_path / SCREEN_CELLS[1] / f"{variants[-1]}_split{PAIR_ORDER[2][0]}_seed{PAIR_ORDER[2][1]}.json"
+    missing = tmp_path / SCREEN_CELLS[1] / f"{variants[0]}_split{PAIR_ORDER[2][0]}_seed{PAIR_ORDER[2][1]}.json"
     kept = missing.read_text()
-    missing.unlink()
-    assert screen(tmp_path) is None and wanted("colin27", variants[-1], 0, tmp_path)  # undecided: everything runs
+    missing.unlink()  # the best variant, added late, lacks a screen run: the others rank without it
+    assert variants[0] not in screen(tmp_path) and passed_screen(screen(tmp_path)) == variants[1 : SCREEN_KEEP + 1]
+    assert wanted(SCREEN_CELLS[1], variants[0], SCREEN_PAIRS - 1, tmp_path)  # its screen pairs still run
+    assert not wanted("colin27", variants[0], 0, tmp_path) and wanted("colin27", variants[1], 0, tmp_path)
+    assert f"Not yet screened (its first pairs are running): {variants[0]}." in table(tmp_path)
     missing.write_text(kept)
     scores = screen(tmp_path)
     assert passed_screen(scores) == variants[:SCREEN_KEEP] and scores[variants[0]] == 0.9
