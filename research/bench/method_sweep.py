@@ -127,6 +127,11 @@ SCREEN_PAIRS = 3
 SCREEN_KEEP = 2
 
 
+def variants() -> list[str]:
+    """The UnCoL variants the screen ranks: every method past ``uncol`` whose name starts with ``uncol_``."""
+    return [a for a in default_arms() if a.startswith("uncol_")]
+
+
 def screen(results_dir: Path = RESULTS) -> dict[str, float] | None:
     """Each UnCoL variant's validation mean Dice on the first SCREEN_PAIRS pairs of each screen cell (the
     mean of the cells' means), for the variants that have all those runs; None while none has. A variant
@@ -134,7 +139,7 @@ def screen(results_dir: Path = RESULTS) -> dict[str, float] | None:
     pairs = PAIR_ORDER[:SCREEN_PAIRS]
     loaded = [SWEEP.load(cell, results_dir) for cell in SCREEN_CELLS]
     scores = {}
-    for arm in (a for a in default_arms() if a.startswith("uncol_")):
+    for arm in variants():
         if not all(pair in by_arm[arm] for by_arm in loaded for pair in pairs):
             continue
         runs = [[by_arm[arm][pair] for pair in pairs] for by_arm in loaded]
@@ -307,7 +312,7 @@ def table(results_dir: Path = RESULTS) -> str:
             f"Screen (validation mean Dice on the first {SCREEN_PAIRS} pairs of {' and '.join(SCREEN_CELLS)}, "
             f"mean of the two): {listed}. Past it, beside the baselines and uncol, only {' and '.join(passed)} run.",
         ]
-        unscreened = [a for a in default_arms() if a.startswith("uncol_") and a not in scores]
+        unscreened = [a for a in variants() if a not in scores]
         if unscreened:
             lines[-1] += f" Not yet screened (its first pairs are running): {', '.join(unscreened)}."
     choice = chosen_by_validation(results_dir)
