@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from custom.losses.pseudo_label import EntropyGate, PseudoLabelLoss, shannon_entropy
+from custom.losses.pseudo_label import EntropyGate, PseudoLabelLoss, fuse_by_owner, shannon_entropy
 
 
 def _probs(*columns):
@@ -46,6 +46,32 @@ def test_generalized_only_and_abstention_prefers_the_other_teacher():
     assert only.from_generalized.all() and only.pseudo_label.flatten().tolist()[1] == 2
     with pytest.raises(ValueError, match="teachers"):
         EntropyGate("three")
+
+
+def test_by_class_takes_each_foreground_class_from_its_owner_and_the_background_from_what_is_left():
+    """Four classes, the generalized teacher owns class 2 only: classes 1 and 3 are the EMA teacher's,
+    the background is one minus the owners' foreground (renormalised where it passes one)."""
+    spec = _probs([0.1, 0.8, 0.05, 0.05], [0.7, 0.1, 0.1, 0.1], [0.1, 0.6, 0.0, 0.3])
+    gen = _probs([0.1, 0.0, 0.9, 0.0], [0.1, 0.3, 0.5, 0.1], [0.9, 0.0, 0.1, 0.0])
+    owners = torch.tensor([False, True, False])
+    fused, from_gen = fuse_by_owner(spec, gen, owners)
+    # voxel 0: organ 0.8 + 0.9 from the owner of class 2 + 0.05 > 1: renormalised, no background
+    assert fused[0, :, 0, 0].tolist() == pytest.approx([0.0, 0.8 / 1.75, 0.9 / 1.75, 0.05 / 1.75])
+    assert fused[0, :, 0, 1].tolist() == pytest.approx([0.3, 0.1, 0.5, 0.1])
+    assert fused[0, :, 0, 2].tolist() == pytest.approx([0.0, 0.6 / 1.0, 0.1, 0.3])
+    assert torch.allclose(fused.sum(1), torch.ones(1, 1, 3))
+    assert from_gen.flatten().tolist() == [True, True, False]  # argmax 2, 2, 1
+    result = EntropyGate("by_class", "none")(spec, gen, threshold=0.0, owners=owners)
+    assert result.pseudo_label.flatten().tolist() == [2, 2, 1]
+    assert torch.allclose(result.entropy, shannon_entropy(fused))
+    assert result.stats()["gate_from_generalized"] == pytest.approx(2 / 3)
+    # owning every class gives the generalized teacher's map back, owning none the EMA teacher's
+    assert torch.allclose(fuse_by_owner(spec, gen, torch.ones(3, dtype=torch.bool))[0], gen)
+    assert torch.allclose(fuse_by_owner(spec, gen, torch.zeros(3, dtype=torch.bool))[0], spec)
+    with pytest.raises(ValueError, match="owner"):
+        EntropyGate("by_class")(spec, gen, threshold=1.0)
+    with pytest.raises(ValueError, match="one teacher per foreground class"):
+        fuse_by_owner(spec, gen, torch.tensor([True, False]))
 
 
 def test_soft_gate_weights_every_voxel_by_one_minus_its_normalised_entropy():

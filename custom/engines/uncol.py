@@ -277,8 +277,8 @@ class SemiSupervisedIteration:
 
     Handlers work through a small interface: :meth:`set_schedule` (the gate's cut and ``lambda_u``, from
     :class:`~custom.handlers.ramps.ScheduleHandler`\\ s), :attr:`teachers`, :meth:`set_temperatures`
-    (calibration), :attr:`class_voxels` / :meth:`reset_class_voxels` (pseudo-label coverage) and
-    :meth:`pseudo_labels` (audits).
+    (calibration), :meth:`set_class_owners` (``teachers="by_class"``), :attr:`class_voxels` /
+    :meth:`reset_class_voxels` (pseudo-label coverage) and :meth:`pseudo_labels` (audits).
 
     Args:
         gate: the entropy gate (which teachers, gate on/off).
@@ -352,6 +352,9 @@ class SemiSupervisedIteration:
         self._generalized_memo: dict[str, tuple[Prompts, torch.Tensor]] = {}
         #: divides the EMA teacher's logits before its softmax (set by ``TeacherCalibration``; 1: off)
         self.specialized_temperature = 1.0
+        #: ``(C - 1,)`` bool, True where the generalized teacher teaches a foreground class (``teachers="by_class"``;
+        #: set by ``TeacherReliability``)
+        self.class_owners: torch.Tensor | None = None
         self.generalized_calls = 0
         self.generalized_reused = 0
         #: of the images the last teacher_probs gave the generalized teacher (in 3D its slices), the share reused
@@ -422,6 +425,11 @@ class SemiSupervisedIteration:
             self.generalized.mask_temperature = generalized
             self.forget_generalized()
 
+    def set_class_owners(self, owners: torch.Tensor) -> None:
+        """Which teacher teaches each foreground class under ``teachers="by_class"``: ``(C - 1,)`` bool, True
+        for the generalized teacher."""
+        self.class_owners = torch.as_tensor(owners, dtype=torch.bool).flatten()
+
     @property
     def class_voxels(self) -> ClassVoxels:
         """Voxels per class of the kept pseudo-labels and of the labelled batches since the last
@@ -453,7 +461,14 @@ class SemiSupervisedIteration:
             self.reuse_generalized = reuse
             self.generalized_calls, self.generalized_reused = counters
         specialized = spec if self.gate.teachers != "generalized" else None
-        gated = self.gate(specialized, gen, self.gate_level(engine), class_prior=self._class_prior(), prior_probs=spec)
+        gated = self.gate(
+            specialized,
+            gen,
+            self.gate_level(engine),
+            class_prior=self._class_prior(),
+            prior_probs=spec,
+            owners=self.class_owners,
+        )
         return spec, gen, gated
 
     @torch.no_grad()
@@ -597,6 +612,7 @@ class SemiSupervisedIteration:
                 level,
                 class_prior=self._class_prior(),
                 prior_probs=spec,
+                owners=self.class_owners,
             )
             self._count_kept(gated.pseudo_label[gated.mask.bool()], spec.shape[1])
             nesting = {}

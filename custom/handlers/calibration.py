@@ -101,6 +101,65 @@ def _pad16(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, pad)
 
 
+def load_cases(dataset: Sequence[dict], max_cases: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``max_cases`` items of ``dataset`` as ``(image (1, 1, *S), label (1, *S))`` pairs."""
+    cases = []
+    for i in range(min(len(dataset), max_cases)):
+        item = dataset[i]
+        cases.append((torch.as_tensor(item["image"])[None].float(), torch.as_tensor(item["label"])[None, 0].long()))
+    return cases
+
+
+@torch.no_grad()
+def teacher_outputs(
+    iteration, cases: Sequence[tuple[torch.Tensor, torch.Tensor]], inferer: Callable, device: torch.device
+) -> dict[str, list[torch.Tensor]]:
+    """Both teachers of ``iteration`` (a stage-2 iteration, read through its ``teachers``) on labelled
+    ``cases``, at temperature 1: the EMA teacher's logits, the generalized teacher's mask logits and
+    prompt validity (prompted by the EMA teacher's boxes, as in training) and the truth, one entry per
+    case. ``inferer`` runs the EMA teacher on a whole image (the validation's sliding window)."""
+    specialized, teacher = iteration.teachers
+    spec_logits, masks, valids, truths = [], [], [], []
+    specialized.eval()
+    for image, label in cases:
+        padded = _pad16(image).to(device)
+        region = tuple(slice(0, n) for n in image.shape[2:])
+        logits = inferer(padded, specialized).float()[(slice(None), slice(None), *region)]
+        spec_logits.append(logits.cpu())
+        truths.append(label)
+        if teacher is not None:
+            spec = torch.softmax(logits, 1)
+            image = image.to(device)
+            if image.ndim == 5:  # slice by slice, as the teacher sees volumes
+                slices, spec_slices = teacher.to_slices(image), teacher.to_slices(spec)
+                out = teacher(slices, prompts=teacher.make_prompts(spec_slices), with_fusion=False, with_features=False)
+                mask = teacher.from_slices(out.mask_logits, 1)
+                valid = out.valid
+            else:
+                out = teacher(image, prompts=teacher.make_prompts(spec), with_fusion=False, with_features=False)
+                mask, valid = out.mask_logits, out.valid
+            masks.append(mask.cpu())
+            valids.append(valid.cpu())
+    return {"spec_logits": spec_logits, "masks": masks, "valids": valids, "truths": truths}
+
+
+def compose_masks(
+    teacher, masks: Sequence[torch.Tensor], valids: Sequence[torch.Tensor], temperature: float | torch.Tensor
+) -> list[torch.Tensor]:
+    """The generalized ``teacher``'s class probabilities (float64) from :func:`teacher_outputs`' mask logits
+    and validity at ``temperature``, composed as the teacher does (volumes slice by slice)."""
+    out = []
+    for mask, valid in zip(masks, valids, strict=True):
+        if mask.ndim == 5:  # (1, C, X, Y, Z): compose slice by slice, as the teacher does
+            axis = teacher.slice_axis + 2
+            slices = temper_masks(mask, temperature).movedim(axis, 1)[0]  # (Z, C, X, Y)
+            probs = compose_class_probs(slices, valid, teacher.abstain)
+            out.append(probs.movedim(0, axis - 1)[None])
+        else:
+            out.append(compose_class_probs(temper_masks(mask, temperature), valid, teacher.abstain))
+    return out
+
+
 class TeacherCalibration:
     """Fit and set both teachers' temperatures on labelled images at the start of stage 2 and every
     ``interval`` epochs (see the module docstring).
@@ -150,56 +209,15 @@ class TeacherCalibration:
     def cases(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(image (1, 1, *S), label (1, *S))`` pairs, loaded once."""
         if self._cases is None:
-            self._cases = []
-            for i in range(min(len(self.dataset), self.max_cases)):
-                item = self.dataset[i]
-                image = torch.as_tensor(item["image"])[None].float()
-                label = torch.as_tensor(item["label"])[None, 0].long()
-                self._cases.append((image, label))
+            self._cases = load_cases(self.dataset, self.max_cases)
         return self._cases
 
-    @torch.no_grad()
-    def teacher_outputs(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """At temperature 1: the EMA teacher's logits, the generalized teacher's mask logits and
-        prompt validity (prompted by the EMA teacher's boxes) and the truth, one entry per case."""
-        specialized, teacher = self.iteration.teachers
-        spec_logits, masks, valids, truths = [], [], [], []
-        specialized.eval()
-        for image, label in self.cases():
-            padded = _pad16(image).to(device)
-            region = tuple(slice(0, n) for n in image.shape[2:])
-            logits = self.inferer(padded, specialized).float()[(slice(None), slice(None), *region)]
-            spec_logits.append(logits.cpu())
-            truths.append(label)
-            if teacher is not None:
-                spec = torch.softmax(logits, 1)
-                image = image.to(device)
-                if image.ndim == 5:  # slice by slice, as the teacher sees volumes
-                    slices, spec_slices = teacher.to_slices(image), teacher.to_slices(spec)
-                    out = teacher(
-                        slices, prompts=teacher.make_prompts(spec_slices), with_fusion=False, with_features=False
-                    )
-                    mask = teacher.from_slices(out.mask_logits, 1)
-                    valid = out.valid
-                else:
-                    out = teacher(image, prompts=teacher.make_prompts(spec), with_fusion=False, with_features=False)
-                    mask, valid = out.mask_logits, out.valid
-                masks.append(mask.cpu())
-                valids.append(valid.cpu())
-        return {"spec_logits": spec_logits, "masks": masks, "valids": valids, "truths": truths}
+    def teacher_outputs(self, device: torch.device) -> dict[str, list[torch.Tensor]]:
+        """:func:`teacher_outputs` on this handler's cases."""
+        return teacher_outputs(self.iteration, self.cases(), self.inferer, device)
 
     def _compose(self, masks, valids, temperature) -> list[torch.Tensor]:
-        teacher = self.iteration.teachers.generalized
-        out = []
-        for mask, valid in zip(masks, valids, strict=True):
-            if mask.ndim == 5:  # (1, C, X, Y, Z): compose slice by slice, as the teacher does
-                axis = teacher.slice_axis + 2
-                slices = temper_masks(mask, temperature).movedim(axis, 1)[0]  # (Z, C, X, Y)
-                probs = compose_class_probs(slices, valid, teacher.abstain)
-                out.append(probs.movedim(0, axis - 1)[None])
-            else:
-                out.append(compose_class_probs(temper_masks(mask, temperature), valid, teacher.abstain))
-        return out
+        return compose_masks(self.iteration.teachers.generalized, masks, valids, temperature)
 
     @staticmethod
     def _flat(probs: list[torch.Tensor], truths: list[torch.Tensor], where: list[torch.Tensor]):

@@ -24,6 +24,13 @@ class or one inside it". A lesion inside an organ that both teachers miss is pse
 the organ); a plain loss then teaches the student that the lesion is organ. Which class lies inside
 which is read off the labelled batches (:func:`nested_parents`: most of a class's outer border is the
 other class), so the switch does nothing where no class is nested (side-by-side structures).
+
+``teachers="by_class"`` trusts each teacher for the classes it segments better instead of voxel by voxel:
+every foreground class is taught by its *owner* (the call's ``owners``, from each teacher's Dice on the
+validation split, :class:`~custom.handlers.reliability.TeacherReliability`). The two teachers' maps
+are fused class by class (:func:`fuse_by_owner`) and the gate cuts the fused map. On the embedded
+phantoms at 10 % labels the EMA teacher segments the organ better while LiteMedSAM, prompted by it,
+finds more of the lesion, and the per-voxel entropy rule takes nine voxels in ten from LiteMedSAM.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.losses import MaskedDiceLoss
 
-TEACHER_MODES = ("both", "specialized", "generalized")
+TEACHER_MODES = ("both", "specialized", "generalized", "by_class")
 GATE_MODES = ("entropy", "quantile", "soft", "none")
 DISAGREEMENT_MODES = ("entropy", "mask")
 GUARD_MODES = ("none", "prior")
@@ -127,6 +134,27 @@ def shannon_entropy(probs: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> tor
     return -(probs * torch.log(probs.clamp_min(eps))).sum(dim, keepdim=True)
 
 
+def fuse_by_owner(
+    specialized: torch.Tensor, generalized: torch.Tensor, owners: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probabilities ``(B, C, *S)`` with each foreground class ``c`` from its owner's map (``owners``:
+    ``(C - 1,)`` bool, True where the generalized teacher owns ``c``) and the background what the
+    foreground leaves (renormalised where the owners' foregrounds sum past one); and ``(B, 1, *S)`` bool,
+    where the fused map's class is owned by the generalized teacher (background: where it owns every
+    class)."""
+    if owners.shape != (specialized.shape[1] - 1,):
+        raise ValueError(
+            f"owners must name one teacher per foreground class ({specialized.shape[1] - 1}), got {tuple(owners.shape)}"
+        )
+    shape = (1, -1) + (1,) * (specialized.ndim - 2)
+    take_gen = owners.to(specialized.device).view(shape)
+    foreground = torch.where(take_gen, generalized[:, 1:], specialized[:, 1:])
+    total = foreground.sum(1, keepdim=True)
+    fused = torch.cat([(1.0 - total).clamp_min(0.0), foreground], 1) / total.clamp_min(1.0)
+    owner = torch.cat([owners.all().view(1), owners]).to(specialized.device)
+    return fused, owner[fused.argmax(1, keepdim=True)]
+
+
 @dataclass
 class GateResult:
     pseudo_label: torch.Tensor  # (B, 1, *S) class indices
@@ -155,7 +183,9 @@ class EntropyGate:
     """Pick each voxel's pseudo-label from the lower-entropy teacher and mask uncertain voxels.
 
     Args:
-        teachers: ``both`` (UnCoL), ``specialized`` (Mean Teacher with the same gate) or ``generalized``.
+        teachers: ``both`` (UnCoL), ``specialized`` (Mean Teacher with the same gate), ``generalized`` or
+            ``by_class`` (each foreground class from the teacher that owns it, the call's ``owners``; see
+            the module docstring).
         gate: ``entropy`` (keep voxels whose chosen entropy is under the call's ``threshold``, an entropy),
             ``quantile`` (the call's ``threshold`` is the fraction of each pseudo-class's voxels kept, those
             of lowest entropy), ``soft`` (keep all, weighted by ``1 - entropy / ln C``; no threshold) or
@@ -190,16 +220,25 @@ class EntropyGate:
         threshold: float,
         class_prior: torch.Tensor | None = None,
         prior_probs: torch.Tensor | None = None,
+        owners: torch.Tensor | None = None,
     ) -> GateResult:
         """``(B, C, *S)`` class probabilities of each teacher (None for an unused one). The class guard
         needs ``class_prior`` (``(C,)``) and reads ``prior_probs`` (default: ``specialized``), the EMA
-        teacher's probabilities, which exist even when only the generalized teacher labels."""
+        teacher's probabilities, which exist even when only the generalized teacher labels;
+        ``teachers="by_class"`` needs ``owners`` (:func:`fuse_by_owner`)."""
         ent_s = shannon_entropy(specialized) if specialized is not None else None
         ent_g = shannon_entropy(generalized) if generalized is not None else None
         if self.teachers == "both":
             use_gen = ent_g < ent_s  # ties go to the specialized teacher
             probs = torch.where(use_gen, generalized, specialized)
             entropy = torch.where(use_gen, ent_g, ent_s)
+        elif self.teachers == "by_class":
+            if owners is None:
+                raise ValueError(
+                    "teachers='by_class' needs each class's owner (custom.handlers.reliability.TeacherReliability)"
+                )
+            probs, use_gen = fuse_by_owner(specialized, generalized, owners)
+            entropy = shannon_entropy(probs)
         elif self.teachers == "specialized":
             probs, entropy = specialized, ent_s
             use_gen = torch.zeros_like(ent_s, dtype=torch.bool)
@@ -215,7 +254,7 @@ class EntropyGate:
             mask = (1.0 - entropy / math.log(probs.shape[1])).clamp(0.0, 1.0)
         else:
             mask = torch.ones_like(entropy)
-        if self.teachers == "both" and self.disagreement == "mask":
+        if self.teachers in ("both", "by_class") and self.disagreement == "mask":
             mask = mask * (specialized.argmax(1, keepdim=True) == generalized.argmax(1, keepdim=True)).float()
         guarded = None
         if self.guard == "prior":

@@ -10,8 +10,10 @@ Methods: ``supervised`` (no pseudo-labels), ``mean_teacher`` (the EMA teacher al
 (train.json's defaults at the run's commit), ``uncol_paper`` (the paper's gate, spelled out),
 ``uncol_quantile_agree_guarded`` (the earlier sweep's improved gate) and the ingredients on top of
 ``uncol``: ``uncol_copy_paste``, ``uncol_soft`` (soft reliability weights), ``uncol_feature_dropout``,
-``uncol_all`` (the three together) and ``uncol_calibrated`` (both teachers temperature-scaled on the
-validation split before their entropies are compared: LiteMedSAM's overconfident masks win most voxels).
+``uncol_all`` (the three together), ``uncol_calibrated`` (both teachers temperature-scaled on the
+validation split before their entropies are compared: LiteMedSAM's overconfident masks win most voxels)
+and ``uncol_by_class`` (each foreground class from the teacher with the higher Dice on the validation
+split, instead of voxel by voxel from the more certain one).
 
 Cells: ``embedded2d_5`` and ``embedded2d_10`` (3 and 6 of the 60 training phantoms labelled),
 ``colin27`` and ``macaque`` (10 % of the real-anatomy slices, research/data/real_brain.py),
@@ -54,6 +56,9 @@ CALIBRATED = {"calibration": "temperature"}
 #: the improved gate of the earlier sweep (research/bench/sweep.py): class-wise quantile gate, voxels where the
 #: teachers disagree left out, the labelled class prior as guard; ahead of the paper's gate in 2D there
 GUARDED = {"gate": "quantile", "disagreement": "mask", "class_guard": "prior"}
+#: at 10 % labels on the phantoms every UnCoL arm's organ is below every baseline's while its lesion comes from
+#: LiteMedSAM: each class from the teacher that segments it better on the validation split
+BY_CLASS = {"teachers": "by_class"}
 #: UnCoL as the paper has it, every stage-2 switch named, so that a change of train.json's defaults leaves it
 PAPER = {
     "teachers": "both",
@@ -78,6 +83,7 @@ ARMS = {
     "uncol_feature_dropout": Arm(stage2=FEATURE_DROPOUT),
     "uncol_all": Arm(stage2={**COPY_PASTE, **SOFT, **FEATURE_DROPOUT}),
     "uncol_calibrated": Arm(stage2=CALIBRATED),
+    "uncol_by_class": Arm(stage2=BY_CLASS),
 }
 BASELINES = ("supervised", "mean_teacher", "copy_paste")
 

@@ -5,6 +5,7 @@ import json
 from research.bench.method_sweep import (
     ARMS,
     BASELINES,
+    BY_CLASS,
     CALIBRATED,
     CHOICE_CELLS,
     GUARDED,
@@ -33,6 +34,7 @@ def test_the_paper_arm_names_existing_train_json_keys_and_the_baselines_run_with
     assert set(PAPER) <= set(keys)  # a renamed key would silently change the paper arm
     assert set(GUARDED) <= set(keys) and ARMS["uncol_quantile_agree_guarded"].stage2 == GUARDED
     assert set(CALIBRATED) <= set(keys) and keys["calibration"] != CALIBRATED["calibration"]  # else it is uncol
+    assert set(BY_CLASS) <= set(keys) and keys["teachers"] != BY_CLASS["teachers"]
     for base in BASELINES:
         assert ARMS[base].stage1 == "none" and ARMS[base].stage2["teachers"] == "specialized"
     assert ARMS["copy_paste"].stage2["copy_paste"] == "bidirectional" and ARMS["uncol"].stage2 == {}
