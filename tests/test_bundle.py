@@ -112,7 +112,7 @@ def test_training_resumes_from_its_last_checkpoint(trained, tmp_path, capfd):
     assert set(state) == {"model", "ema", "optimizer", "lr_scheduler", "trainer", "best_checkpoint", "record"}
 
 
-@pytest.mark.parametrize("teachers", ["specialized", "generalized", "by_class"])
+@pytest.mark.parametrize("teachers", ["specialized", "generalized"])
 def test_each_teachers_setting_runs(trained, tmp_path, teachers):
     _start_from_stage1(trained, tmp_path)
     overrides = {**tiny_train_overrides(tmp_path), "max_epochs": 1, "teachers": teachers}
@@ -120,13 +120,10 @@ def test_each_teachers_setting_runs(trained, tmp_path, teachers):
     workflow.initialize()
     workflow.run()
     out = workflow.parser.get_parsed_content("train#trainer").state.output[0]
-    owners = workflow.parser.get_parsed_content("semi_supervised_iteration").class_owners
     workflow.finalize()
+    expected = 0.0 if teachers == "specialized" else 1.0
     assert out["gate_kept"] > 0, "the gate kept no voxel: the pseudo-label term trained nothing"
-    if teachers == "by_class":  # the reliability handler named an owner for each foreground class
-        assert owners is not None and len(owners) == 2 and 0.0 <= out["gate_from_generalized"] <= 1.0
-    else:
-        assert owners is None and out["gate_from_generalized"] == (0.0 if teachers == "specialized" else 1.0)
+    assert out["gate_from_generalized"] == expected
     assert (tmp_path / "models" / "model.pt").is_file()
 
 
@@ -141,7 +138,8 @@ def _stage2(configs: list[str], root, **overrides) -> tuple[dict, dict]:
 
 
 def test_the_diagnostics_overlay_audits_and_records_without_changing_the_training(trained, tmp_path):
-    settings = {"max_epochs": 1, "gate": "quantile", "calibration": "temperature"}
+    # teachers by_class: the reliability handler runs after the calibration (without owners the gate stops the run)
+    settings = {"max_epochs": 1, "gate": "quantile", "calibration": "temperature", "teachers": "by_class"}
     plain, with_diagnostics = tmp_path / "plain", tmp_path / "diagnostics"
     for root in (plain, with_diagnostics):
         root.mkdir()
