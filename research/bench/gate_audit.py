@@ -79,6 +79,8 @@ VARIANTS = [
     ),
     # every voxel supervised, weighted by its reliability: scored by weight (a voxel half kept counts half)
     ("soft reliability weights (1 - H / ln C)", {"gate": "soft"}),
+    # each foreground class from the teacher with the higher Dice on the validation split
+    ("each class from its better teacher on validation", {"teachers": "by_class"}),
 ]
 
 
@@ -154,7 +156,8 @@ def audit_variant(
     contexts: list[torch.Tensor] | None = None,
     starts: torch.Tensor | None = None,
 ) -> dict:
-    """Build stage 2 from the configs with ``overrides``, calibrate if asked, and audit its gate at the
+    """Build stage 2 from the configs with ``overrides``, calibrate if asked (and name each class's owner
+    for ``teachers="by_class"``, on the validation split as in training), and audit its gate at the
     threshold schedule's first and last value. ``contexts`` / ``starts``: the patches' whole slices
     and where each patch starts in them (see :func:`cut_patches`); ``None``: images are whole."""
     from monai.bundle import ConfigParser
@@ -162,6 +165,7 @@ def audit_variant(
     from custom.handlers.calibration import TeacherCalibration, ece
     from custom.handlers.pseudo_label_audit import audit_pseudo_labels
     from custom.handlers.ramps import gate_schedule
+    from custom.handlers.reliability import TeacherReliability
 
     parser = ConfigParser()
     parser.read_config(configs)
@@ -181,6 +185,13 @@ def audit_variant(
         iteration.specialized_temperature = record.pop("_specialized_temperature")
         iteration.generalized.mask_temperature = record.pop("_generalized_temperature")
         result["calibration"] = record
+    if iteration.gate.teachers == "by_class":
+        reliability = TeacherReliability(
+            iteration, parser.get_parsed_content("validate#dataset"), parser.get_parsed_content("validate#inferer")
+        )
+        record = reliability.measure(device)
+        iteration.set_class_owners(record.pop("_owners"))
+        result["reliability"] = record
     start = time.perf_counter()
     spec, gen = [], []
     for k in range(0, len(images), 4):
@@ -200,7 +211,7 @@ def audit_variant(
     schedule = gate_schedule(gate, num_classes, ramp, ramped, keep_start, keep_end)
     for when, t in (("start", 0), ("end", ramp)):
         threshold = float(schedule(t))
-        gated = iteration.gate(spec, gen, threshold, class_prior=prior, prior_probs=spec)
+        gated = iteration.gate(spec, gen, threshold, class_prior=prior, prior_probs=spec, owners=iteration.class_owners)
         # "confident" for both-confidently-wrong: under the entropy the gate keeps at; for a quantile gate,
         # the largest entropy it keeps
         kept_entropy = float(gated.entropy[gated.mask.bool()].max()) if gated.mask.any() else 0.0
