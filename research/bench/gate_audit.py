@@ -313,7 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     setting = "quick" if args.quick else args.setting or args.task or "2d"
     task = SETTINGS[setting].get("task")
     out = Path(args.out) / setting
-    results = Path(args.results) if args.results else DOCS / "results"
+    # a smoke test's output stays beside its work folder, out of the research record
+    results = Path(args.results) if args.results else out / "results" if args.quick else DOCS / "results"
     page = Path(args.results_md) if args.results_md else results.parent / "results.md"
     if args.report_only:
         payload = json.loads((results / f"gate_audit_{setting}.json").read_text())
