@@ -8,8 +8,8 @@ Each section comes from the script that measures it (its ``--report-only`` path 
 ``gate_audit_<setting>.json`` (gate_audit.py), the learning-curve, zero-shot and split sections from
 ``real/`` (real_report.py), ``component-audit`` (component_audit.py), ``patch-memory`` (patch_memory.py),
 ``fresh-clone`` (fresh_clone.py), ``plan-probes`` (plan_probe.py), ``step-profile`` (profile_steps.py),
-``inference-speed`` (inference_speed.py), ``switch-probes`` (switch_probe.py), ``method-sweep``
-(method_sweep.py), ``run-cost`` (run_cost.py) and
+``inference-speed`` (inference_speed.py), ``step-options`` (step_options.py), ``switch-probes``
+(switch_probe.py), ``method-sweep`` (method_sweep.py), ``run-cost`` (run_cost.py) and
 ``uncol-summary`` (summary.py); README.md's ``uncol-answer`` (method_sweep.py's answer).
 No training runs. research/tests/test_generated.py rebuilds the pages this way and fails on any
 difference, and on any marked section no generator writes.
@@ -34,6 +34,7 @@ from research.bench import (
     profile_steps,
     real_report,
     run_cost,
+    step_options,
     summary,
     sweep,
     switch_probe,
@@ -70,6 +71,9 @@ def results_sections(results: Path = RESULTS) -> dict[str, Callable[[], str]]:
     if (results / "inference_speed.json").is_file():
         speed = results / "inference_speed.json"
         sections["inference-speed"] = lambda: inference_speed.table(json.loads(speed.read_text()))
+    if (results / "step_options.json").is_file():
+        options = results / "step_options.json"
+        sections[step_options.SECTION] = lambda: step_options.table(json.loads(options.read_text()))
     if (results / "profile").is_dir():
         sections["step-profile"] = lambda: profile_steps.table(results / "profile")
     if (results / "diagnostics_2d.json").is_file():  # none is committed now (its run was from uncommitted code)
