@@ -16,7 +16,9 @@ beside eager in turn, ``--pairs`` times:
 It also records what ``torch.compile`` costs before its first step (compile seconds) and the steps it
 needs to pay that back, against the steps of one stage of a sweep run (32 epochs of 25 iterations), and
 how far each option's outputs and gradients are from eager's on the same batch (within 1e-4 keeps the
-math). Writes research/results/step_options.json and research/results.md's ``step-options`` section.
+math). Compilation starts from an empty inductor cache (a new machine's first run; later runs on the same
+machine reuse the cache and compile in seconds). Writes research/results/step_options.json and
+research/results.md's ``step-options`` section.
 
     python -m research.bench.step_options            # both dims, 3 pairs each
     python -m research.bench.step_options --report-only
@@ -26,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import tempfile
 import time
 from functools import partial
 
@@ -194,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
     if not args.report_only:
+        # a cold compile, as on a new machine: inductor's on-disk cache would serve a second run in seconds
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="step_options_inductor_")
         rows = [measure(dims, args.pairs, tuple(args.options)) for dims in args.dims]
         payload = {"commit": commit(), "threads": torch.get_num_threads(), "pairs": args.pairs, "rows": rows}
         RESULT.write_text(json.dumps(payload, indent=2) + "\n")
