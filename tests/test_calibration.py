@@ -54,7 +54,7 @@ def test_calibration_softens_an_overconfident_ema_teacher_and_sets_both_temperat
     """The EMA teacher is certain but wrong on a rim of every structure: the fitted temperature is
     above 1 and lowers its NLL and ECE; the generalized teacher gets one temperature per class, which its
     mask decoder then applies (what it outputs equals the fit's tempered masks), and its stored outputs
-    are dropped."""
+    are kept (logits, tempered when read)."""
     from custom.engines.uncol import SemiSupervisedIteration
     from custom.losses.pseudo_label import EntropyGate, PseudoLabelLoss
 
@@ -67,7 +67,7 @@ def test_calibration_softens_an_overconfident_ema_teacher_and_sets_both_temperat
         cases.append({"image": image, "label": label})
     with configured(lite_teacher, mask_temperature=1.0):
         step = SemiSupervisedIteration(EntropyGate("both"), PseudoLabelLoss(), _overconfident_ema(), lite_teacher)
-        step._generalized_memo["stale"] = None
+        step._generalized_memo["stored"] = None
         handler = TeacherCalibration(step, cases, SimpleInferer(), output_file=tmp_path / "calibration.jsonl")
         engine = Engine(lambda e, b: None)
         handler.attach(engine)
@@ -80,7 +80,7 @@ def test_calibration_softens_an_overconfident_ema_teacher_and_sets_both_temperat
         gen = records[-1]["generalized"]
         assert len(gen["temperature"]) == 2 and gen["nll"][1] <= gen["nll"][0] + 1e-6
         assert torch.allclose(lite_teacher.mask_temperature, torch.tensor(gen["temperature"]), rtol=1e-3)
-        assert "stale" not in step._generalized_memo
+        assert "stored" in step._generalized_memo  # logits: the new temperature applies to them
         image = cases[0]["image"][None]
         prompts = lite_teacher.make_prompts(torch.softmax(_overconfident_ema()(image), 1))
         tempered = lite_teacher(image, prompts=prompts, with_fusion=False).probs

@@ -220,6 +220,14 @@ def test_generalized_teacher_on_whole_slices_is_cut_to_the_patch(tmp_path):
     assert not torch.allclose(gen, step.teacher_probs(weak)[1], atol=1e-2), "the patch alone is another input"
     again = step.teacher_probs(weak, [context], starts)[1]  # same slices, same window, same boxes: reused
     assert step.generalized_reused == 2 and torch.equal(again, gen)
+    step.set_temperatures(1.0, torch.tensor([2.0, 0.5]))  # a recalibration keeps the stored masks ...
+    recalibrated = step.teacher_probs(weak, [context], starts)[1]
+    assert step.generalized_reused == 4
+    with configured(lite_teacher, mask_temperature=torch.tensor([2.0, 0.5])):  # ... and tempers them anew
+        fresh = lite_teacher(context[None], labels=slice_labels, with_fusion=False, with_features=False).probs
+    assert torch.allclose(recalibrated, fresh[..., top : top + 32, left : left + 32, :], atol=1e-5)
+    assert not torch.allclose(recalibrated, gen, atol=1e-2)
+    lite_teacher.mask_temperature = 1.0
 
     whole = torch.zeros(1, 64, 48, 2, dtype=torch.long)
     whole[:, top : top + 32, left : left + 32] = patch_labels
@@ -527,9 +535,15 @@ def test_handlers_interface_teachers_temperatures_class_counts_and_audited_pseud
         assert torch.equal(gated.mask, EntropyGate("both")(spec, gen, 0.9).mask)
         step.teacher_probs(weak)
         assert step._generalized_memo
+        first = step.teacher_probs(weak)[1]
         step.set_temperatures(2.0, torch.tensor([1.5, 3.0]))
         assert step.specialized_temperature == 2.0 and lite_teacher.mask_temperature.tolist() == [1.5, 3.0]
-        assert not step._generalized_memo  # stale under the new temperature
+        assert step._generalized_memo  # logits, which the new temperature does not make stale
+        spec, gen = step.teacher_probs(weak)
+        assert step.generalized_reused == 4 and not torch.allclose(gen, first, atol=1e-3)
+        prompts = lite_teacher.make_prompts(spec)
+        expected = lite_teacher(weak, prompts=prompts, with_fusion=False, with_features=False).probs
+        assert torch.allclose(gen, expected, atol=1e-5)  # what the teacher gives at the new temperature
     specialized_only = SemiSupervisedIteration(EntropyGate("specialized"), PseudoLabelLoss(), ema, lite_teacher)
     assert specialized_only.teachers.generalized is None  # given, but not used
     assert specialized_only.class_voxels == (None, None)

@@ -24,7 +24,7 @@ from custom.engines.copy_paste import BidirectionalCopyPaste
 from custom.losses.distillation import SemanticDistillationLoss, VisualDistillationLoss
 from custom.losses.pseudo_label import EntropyGate, GateResult, border_class_counts, nested_parents
 from custom.teachers.cache import image_key
-from custom.teachers.generalized import GeneralizedTeacher
+from custom.teachers.generalized import GeneralizedTeacher, compose_class_probs, mask_areas
 from custom.teachers.prompts import Prompts
 from custom.teachers.targets import FUSION_KEY, VALID_KEY, distillation_targets, unfold_fusion
 
@@ -253,6 +253,20 @@ class Teachers(NamedTuple):
     generalized: GeneralizedTeacher | None
 
 
+class GeneralizedMasks(NamedTuple):
+    """One image's generalized-teacher masks as stage 2 stores them for reuse: the mask decoder's logits
+    ``(C - 1, *S)`` before any temperature (a recalibration keeps them valid), which classes were prompted
+    ``(C - 1,)``, and, for a window of a larger image, the whole masks' :func:`mask_areas` ``(C - 1,)``
+    (their painter's order; None: the window is the image)."""
+
+    logits: torch.Tensor
+    valid: torch.Tensor
+    areas: torch.Tensor | None
+
+    def to(self, device: torch.device | str) -> GeneralizedMasks:
+        return GeneralizedMasks(*(None if x is None else x.to(device) for x in self))
+
+
 class ClassVoxels(NamedTuple):
     """Voxels per class ``(C,)`` of the kept pseudo-labels and of the labelled batches (None: no step yet)."""
 
@@ -349,7 +363,8 @@ class SemiSupervisedIteration:
         self.slice_stride = slice_stride
         self.copy_paste = copy_paste
         self.feature_dropout = feature_dropout
-        self._generalized_memo: dict[str, tuple[Prompts, torch.Tensor]] = {}
+        #: per image (and window) key: its prompts and the generalized teacher's masks for them
+        self._generalized_memo: dict[str, tuple[Prompts, GeneralizedMasks]] = {}
         #: divides the EMA teacher's logits before its softmax (set by ``TeacherCalibration``; 1: off)
         self.specialized_temperature = 1.0
         #: ``(C - 1,)`` bool, True where the generalized teacher teaches a foreground class (``teachers="by_class"``;
@@ -418,12 +433,11 @@ class SemiSupervisedIteration:
 
     def set_temperatures(self, specialized: float, generalized: float | torch.Tensor | None = None) -> None:
         """Divide the EMA teacher's logits by ``specialized`` before its softmax and the generalized
-        teacher's mask logits by ``generalized`` (scalar or one per class; None leaves it); drops the
-        generalized teacher's stored outputs, which the new temperature makes stale."""
+        teacher's mask logits by ``generalized`` (scalar or one per class; None leaves it). The generalized
+        teacher's stored outputs are logits: they stay, and the new temperature applies from the next step."""
         self.specialized_temperature = float(specialized)
         if self.generalized is not None and generalized is not None:
             self.generalized.mask_temperature = generalized
-            self.forget_generalized()
 
     def set_class_owners(self, owners: torch.Tensor) -> None:
         """Which teacher teaches each foreground class under ``teachers="by_class"``: ``(C - 1,)`` bool, True
@@ -555,40 +569,41 @@ class SemiSupervisedIteration:
         counts = torch.bincount(kept.long().flatten(), minlength=num_classes)
         self.kept_class_voxels = counts if self.kept_class_voxels is None else self.kept_class_voxels + counts
 
-    def forget_generalized(self) -> None:
-        """Drop the stored generalized-teacher outputs (they are stale once its mask temperature changes)."""
-        self._generalized_memo.clear()
-
     def _generalized_probs(
         self, weak: torch.Tensor, prompts: Prompts, window: tuple[slice, slice] | None = None
     ) -> torch.Tensor:
-        """The generalized teacher's class probabilities, reused when an image comes back with the same
-        prompts (its output depends only on the image and the prompts, and the EMA teacher's boxes
-        settle as training goes on); only the others go through the mask decoder. ``window``: the rows
-        and columns of each image to return (a patch of whole slices); reuse is per image and window."""
+        """The generalized teacher's class probabilities, its mask logits reused when an image comes back
+        with the same prompts (they depend only on the image and the prompts, and the EMA teacher's boxes
+        settle as training goes on); only the others go through the mask decoder. The teacher's current
+        mask temperature applies to every image at each call, so a recalibration keeps what is stored.
+        ``window``: the rows and columns of each image to return (a patch of whole slices); reuse is per
+        image and window, and the classes are painted in the order of their whole masks (as decoded)."""
+        teacher = self.generalized
         keys: list[str | None] = [None] * len(weak)
         if self.reuse_generalized:
             where = () if window is None else (torch.tensor([window[0].start, window[1].start]),)
             keys = [image_key(img, *where) for img in weak]
-        probs: list[torch.Tensor | None] = [None] * len(weak)
+        parts: list[GeneralizedMasks | None] = [None] * len(weak)
         for i, key in enumerate(keys):
             hit = self._generalized_memo.get(key) if key is not None else None
             if hit is not None and same_prompts(hit[0], prompts[i : i + 1], self.reuse_tolerance):
-                probs[i] = hit[1].to(weak.device)
+                parts[i] = hit[1].to(weak.device)
                 self.generalized_reused += 1
-        todo = [i for i, p in enumerate(probs) if p is None]
-        step = self.generalized.slice_batch  # bounds the decoder's memory when a batch is many slices
-        for chunk in (todo[k : k + step] for k in range(0, len(todo), step)):
-            index = torch.tensor(chunk)
-            fresh = self.generalized(weak[index], prompts=prompts[index], with_fusion=False, with_features=False).probs
+        todo = [i for i, x in enumerate(parts) if x is None]
+        for chunk in (todo[k : k + teacher.slice_batch] for k in range(0, len(todo), teacher.slice_batch)):
+            index = torch.tensor(chunk)  # slice_batch bounds the decoder's memory when a batch is many slices
+            fresh = teacher(weak[index], prompts=prompts[index], with_fusion=False, with_features=False)
+            logits, areas = fresh.mask_logits, None
             if window is not None:
-                fresh = fresh[(..., *window)]
+                logits, areas = logits[(..., *window)], mask_areas(teacher.tempered(logits))
             for j, i in enumerate(chunk):
-                probs[i] = fresh[j]
+                parts[i] = GeneralizedMasks(logits[j], fresh.valid[j], None if areas is None else areas[j])
                 if keys[i] is not None:
-                    self._generalized_memo[keys[i]] = (prompts[i : i + 1], fresh[j].to("cpu"))
+                    self._generalized_memo[keys[i]] = (prompts[i : i + 1], parts[i].to("cpu"))
         self.generalized_calls += len(weak)
-        return torch.stack(probs)
+        logits, valid = torch.stack([p.logits for p in parts]), torch.stack([p.valid for p in parts])
+        areas = None if window is None else torch.stack([p.areas for p in parts])
+        return compose_class_probs(teacher.tempered(logits), valid, teacher.abstain, areas)
 
     def __call__(self, engine, batch: dict) -> dict:
         device = engine.state.device

@@ -103,12 +103,22 @@ class TeacherOutput:
 ABSTAIN_MODES = ("zero", "uniform")
 
 
-def compose_class_probs(mask_probs: torch.Tensor, valid: torch.Tensor, abstain: str = "zero") -> torch.Tensor:
+def mask_areas(mask_probs: torch.Tensor) -> torch.Tensor:
+    """``(B, C)`` sizes of ``(B, C, *S)`` masks that set the painter's order: pixels above 0.5, ties broken
+    softly by the mean probability."""
+    return (mask_probs > 0.5).flatten(2).sum(-1).float() + mask_probs.flatten(2).mean(-1)
+
+
+def compose_class_probs(
+    mask_probs: torch.Tensor, valid: torch.Tensor, abstain: str = "zero", areas: torch.Tensor | None = None
+) -> torch.Tensor:
     """``(B, C, *S)`` per-class mask probabilities and ``(B, C)`` validity -> ``(B, 1 + C, *S)``.
 
     Painter's order composition (see module docstring); images with no valid class get the uniform map.
     ``abstain``: what an invalid class gets, ``"zero"`` probability or, outside the valid classes' masks,
-    an equal share of the background's (``"uniform"``, see the module docstring).
+    an equal share of the background's (``"uniform"``, see the module docstring). ``areas``: the
+    :func:`mask_areas` that order the classes, when the masks are a window of larger ones (the order is
+    the whole masks'); by default those of ``mask_probs``.
     """
     if abstain not in ABSTAIN_MODES:
         raise ValueError(f"abstain must be one of {ABSTAIN_MODES}, got {abstain!r}")
@@ -116,7 +126,7 @@ def compose_class_probs(mask_probs: torch.Tensor, valid: torch.Tensor, abstain: 
     spatial = mask_probs.shape[2:]
     out = torch.zeros((b, c + 1, *spatial), dtype=mask_probs.dtype, device=mask_probs.device)
     out[:, 0] = 1.0
-    area = (mask_probs > 0.5).flatten(2).sum(-1).float() + mask_probs.flatten(2).mean(-1)  # ties broken softly
+    area = mask_areas(mask_probs) if areas is None else areas
     for i in range(b):
         order = [int(k) for k in torch.argsort(area[i], descending=True) if valid[i, k]]
         if not order:
