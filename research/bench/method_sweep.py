@@ -13,7 +13,9 @@ Methods: ``supervised`` (no pseudo-labels), ``mean_teacher`` (the EMA teacher al
 ``uncol_all`` (the three together), ``uncol_calibrated`` (both teachers temperature-scaled on the
 validation split before their entropies are compared: LiteMedSAM's overconfident masks win most voxels)
 and ``uncol_by_class`` (each foreground class from the teacher with the higher Dice on the validation
-split, instead of voxel by voxel from the more certain one).
+split, instead of voxel by voxel from the more certain one). The ablation ``mean_teacher_distilled`` (Mean
+Teacher from the distilled stage 1) runs only when named: with it, ``mean_teacher`` -> ``mean_teacher_distilled``
+-> ``uncol`` adds one ingredient at a time (stage 1's distillation, then the generalized teacher's pseudo-labels).
 
 Cells: ``embedded2d_5`` and ``embedded2d_10`` (3 and 6 of the 60 training phantoms labelled),
 ``colin27`` and ``macaque`` (10 % of the real-anatomy slices, research/data/real_brain.py),
@@ -84,8 +86,13 @@ ARMS = {
     "uncol_all": Arm(stage2={**COPY_PASTE, **SOFT, **FEATURE_DROPOUT}),
     "uncol_calibrated": Arm(stage2=CALIBRATED),
     "uncol_by_class": Arm(stage2=BY_CLASS),
+    "mean_teacher_distilled": Arm(stage2=MEAN_TEACHER),
 }
 BASELINES = ("supervised", "mean_teacher", "copy_paste")
+#: arms that split a gain into its ingredients, run only when named (``--arm``): ``mean_teacher_distilled`` is
+#: Mean Teacher started from UnCoL's distilled stage 1, between ``mean_teacher`` (no foundation model at all)
+#: and ``uncol`` (the generalized teacher's pseudo-labels as well)
+ABLATIONS = ("mean_teacher_distilled",)
 
 PHANTOMS_2D = {"spatial_dims": 2}
 #: per cell: data, configs layered on train.json, bundle overrides, epochs per stage (the sweep's budgets,
@@ -108,11 +115,11 @@ TASKS = {
 
 
 def default_arms(train_json: str = TRAIN) -> list[str]:
-    """Every method; ``uncol_paper`` only while train.json's defaults differ from the paper's (else it is
-    ``uncol`` run twice)."""
+    """Every method but the :data:`ABLATIONS`; ``uncol_paper`` only while train.json's defaults differ from the
+    paper's (else it is ``uncol`` run twice)."""
     defaults = json.loads(Path(train_json).read_text())
     same = all(defaults.get(key) == value for key, value in PAPER.items())
-    return [a for a in ARMS if not (same and a == "uncol_paper")]
+    return [a for a in ARMS if not (same and a == "uncol_paper") and a not in ABLATIONS]
 
 
 SWEEP = PairedRuns(TASKS, ARMS, RESULTS, WORK)

@@ -3,6 +3,7 @@
 import json
 
 from research.bench.method_sweep import (
+    ABLATIONS,
     ARMS,
     BASELINES,
     BY_CLASS,
@@ -46,7 +47,13 @@ def test_the_paper_arm_runs_only_where_the_defaults_are_not_the_papers(tmp_path)
     (tmp_path / "paper.json").write_text(json.dumps(paper_defaults))
     assert "uncol_paper" not in default_arms(str(tmp_path / "paper.json")) and "uncol" in default_arms(TRAIN)
     (tmp_path / "moved.json").write_text(json.dumps({**paper_defaults, "gate": "soft"}))
-    assert default_arms(str(tmp_path / "moved.json")) == list(ARMS)
+    assert default_arms(str(tmp_path / "moved.json")) == [a for a in ARMS if a not in ABLATIONS]
+
+
+def test_the_ablation_sits_between_mean_teacher_and_uncol_and_runs_only_when_named():
+    distilled = ARMS["mean_teacher_distilled"]
+    assert distilled.stage1 == ARMS["uncol"].stage1 == "both" and distilled.stage2 == ARMS["mean_teacher"].stage2
+    assert "mean_teacher_distilled" in ABLATIONS and "mean_teacher_distilled" not in default_arms(TRAIN)
 
 
 def test_a_cell_with_a_fixed_split_varies_only_the_seed():
