@@ -155,6 +155,8 @@ def test_the_diagnostics_overlay_audits_and_records_without_changing_the_trainin
     assert 0.0 <= records[-1]["kept_accuracy_fg"] <= 1.0  # scored against the hidden labels
     calibration = (with_diagnostics / "eval" / "calibration.jsonl").read_text().splitlines()
     assert len(calibration) == 2 and "temperature" in json.loads(calibration[0])["specialized"]
+    reliability = [json.loads(r) for r in (with_diagnostics / "eval" / "reliability.jsonl").read_text().splitlines()]
+    assert len(reliability) == 2 and len(reliability[0]["owners"]) == len(reliability[0]["specialized"]) == 2
 
 
 def test_stage2_can_continue_the_distillation(trained, tmp_path):

@@ -5,11 +5,10 @@ import math
 
 import pytest
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from monai.inferers import SimpleInferer
 
 from custom.handlers.calibration import (
-    CalibrationRecords,
     TeacherCalibration,
     class_nll,
     fit_temperature,
@@ -96,19 +95,3 @@ def test_calibration_none_attaches_nothing_and_an_unknown_mode_is_an_error():
     assert not engine.has_event_handler(TeacherCalibration.__call__)
     with pytest.raises(ValueError, match="calibration"):
         TeacherCalibration(None, [], SimpleInferer(), mode="platt")
-
-
-def test_calibration_records_write_each_fit_once(tmp_path):
-    fits = iter([{"iteration": 0, "specialized": {"temperature": 2.0}}, {"iteration": 3, "specialized": {}}])
-    engine = Engine(lambda e, b: None)
-
-    @engine.on(Events.STARTED)
-    @engine.on(Events.EPOCH_COMPLETED(every=2))
-    def fit(e):  # what TeacherCalibration leaves on the engine: a new record per fit
-        e.state.calibration = next(fits)
-
-    records = CalibrationRecords(tmp_path / "eval" / "calibration.jsonl")
-    records.attach(engine)
-    engine.run([0] * 3, max_epochs=3)  # fits at the start and after epoch 2; epochs 1 and 3 repeat the last
-    lines = [json.loads(line) for line in (tmp_path / "eval" / "calibration.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in lines] == [0, 3] and lines[0]["specialized"]["temperature"] == 2.0

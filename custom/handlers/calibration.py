@@ -15,7 +15,6 @@ prediction is foreground): over all voxels the easy background would decide the 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
+from custom.handlers.records import append_record
 from custom.metrics import calibration_bins, expected_calibration_error
 from custom.teachers.generalized import compose_class_probs
 
@@ -84,13 +84,6 @@ def temper_masks(mask_logits: torch.Tensor, temperature: float | torch.Tensor) -
     if isinstance(temperature, torch.Tensor):
         temperature = temperature.to(logits).view(1, -1, *[1] * (logits.ndim - 2))
     return torch.sigmoid(logits / temperature)
-
-
-def append_record(path: Path, record: dict) -> None:
-    """Append ``record`` to the JSON-lines file ``path`` (created with its folder if needed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _pad16(x: torch.Tensor) -> torch.Tensor:
@@ -302,24 +295,3 @@ class TeacherCalibration:
                     r["temperature"],
                     *r["ece"],
                 )
-
-
-class CalibrationRecords:
-    """Append each fit of :class:`TeacherCalibration` (``engine.state.calibration``: the temperatures and
-    each teacher's NLL and ECE before and after) to the JSON-lines ``output_file``, once per fit. A
-    diagnostic, wired by ``diagnostics.json``; attach it after the calibration handler."""
-
-    def __init__(self, output_file: str | Path) -> None:
-        self.output_file = Path(output_file)
-        self._written: dict | None = None
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        record = getattr(engine.state, "calibration", None)
-        if record is None or record is self._written:
-            return
-        append_record(self.output_file, record)
-        self._written = record
