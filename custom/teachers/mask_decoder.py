@@ -54,11 +54,19 @@ def image_to_token(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.T
     kh = _heads(attn.k_proj(k), heads) / math.sqrt(d)  # (P, H, T, d)
     k_in_q = torch.einsum("phtd,hdc->phtc", kh, attn.q_proj.weight.view(heads, d, c)).reshape(p, heads * t, c)
     bias = torch.einsum("phtd,hd->pht", kh, attn.q_proj.bias.view(heads, d)).reshape(p, 1, heads * t)
-    scores = torch.baddbmm(bias, q, k_in_q.transpose(1, 2))  # (P, N, H*T)
-    weights = torch.softmax(scores.view(p, -1, heads, t), dim=-1).view(p, -1, heads * t)
+    scores = torch.bmm(q, k_in_q.transpose(1, 2)).add_(bias)  # (P, N, H*T)
+    weights = softmax_few(scores.view(p, -1, heads, t)).view(p, -1, heads * t)
     vh = _heads(attn.v_proj(v), heads)  # (P, H, T, d)
     v_out = torch.einsum("phtd,chd->phtc", vh, attn.out_proj.weight.view(c, heads, d)).reshape(p, heads * t, c)
-    return torch.baddbmm(attn.out_proj.bias.view(1, 1, c), weights, v_out)
+    return torch.bmm(weights, v_out).add_(attn.out_proj.bias)
+
+
+def softmax_few(scores: torch.Tensor) -> torch.Tensor:
+    """``torch.softmax(scores, -1)`` for a short last axis (the ``T`` prompt tokens) and very many rows,
+    in place: ATen's CPU kernel runs such a shape several times slower than these three element-wise
+    passes (research/results.md, ``step-profile``)."""
+    scores = scores.sub_(scores.amax(-1, keepdim=True)).exp_()
+    return scores.div_(scores.sum(-1, keepdim=True))
 
 
 def two_way_transformer(
