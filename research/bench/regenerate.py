@@ -8,9 +8,10 @@ Each section comes from the script that measures it (its ``--report-only`` path 
 ``gate_audit_<setting>.json`` (gate_audit.py), the learning-curve, zero-shot and split sections from
 ``real/`` (real_report.py), ``component-audit`` (component_audit.py), ``patch-memory`` (patch_memory.py),
 ``fresh-clone`` (fresh_clone.py), ``plan-probes`` (plan_probe.py), ``step-profile`` (profile_steps.py),
-``inference-speed`` (inference_speed.py), ``student-flops`` (student_flops.py), ``step-options``
-(step_options.py), ``switch-probes`` (switch_probe.py), ``method-sweep`` (method_sweep.py), ``run-cost``
-(run_cost.py) and ``uncol-summary`` (summary.py); README.md's ``uncol-answer`` (method_sweep.py's answer).
+``inference-speed`` (inference_speed.py), ``student-flops`` (student_flops.py), ``allocator``
+(allocator.py), ``step-options`` (step_options.py), ``switch-probes`` (switch_probe.py), ``method-sweep``
+(method_sweep.py), ``run-cost`` (run_cost.py) and ``uncol-summary`` (summary.py); README.md's
+``uncol-answer`` (method_sweep.py's answer).
 No training runs. research/tests/test_generated.py rebuilds the pages this way and fails on any
 difference, and on any marked section no generator writes.
 """
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from research.bench import (
+    allocator,
     component_audit,
     fresh_clone,
     gate_audit,
@@ -72,6 +74,9 @@ def results_sections(results: Path = RESULTS) -> dict[str, Callable[[], str]]:
     if (results / "inference_speed.json").is_file():
         speed = results / "inference_speed.json"
         sections["inference-speed"] = lambda: inference_speed.table(json.loads(speed.read_text()))
+    if (results / "allocator.json").is_file():
+        kept = results / "allocator.json"
+        sections[allocator.SECTION] = lambda: allocator.table(json.loads(kept.read_text()))
     if (results / "student_flops.json").is_file():
         flops = results / "student_flops.json"
         sections[student_flops.SECTION] = lambda: student_flops.table(json.loads(flops.read_text()))
