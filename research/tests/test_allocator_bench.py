@@ -1,4 +1,4 @@
-"""The allocator bench's table (the timing itself is the bench's, not a test's) and its worker process."""
+"""The allocator bench (research/bench/allocator.py): its table and its worker (the timing is the bench's)."""
 
 import json
 import subprocess
