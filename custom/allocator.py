@@ -4,7 +4,7 @@ Every step allocates and frees the same large activations. With its default sett
 serves large blocks with fresh ``mmap`` calls and gives a freed heap top back to the kernel once it
 exceeds a trim threshold that it adjusts by itself (at most a few tens of MiB). The next step then
 touches new pages, and the kernel zero-fills each 4 KiB page on its first touch: on the 2-core
-reference machine that costs about a quarter of a 2D training step (research/results.md,
+reference machine that costs about a fifth of a 2D training step (research/results.md,
 ``allocator``). Fixed, larger thresholds (``mallopt``) keep the memory in the process: a step reuses
 the pages of the last one. Nothing is computed differently; the process keeps its peak memory instead
 of returning it between steps. CUDA tensors are unaffected (PyTorch caches GPU memory itself).

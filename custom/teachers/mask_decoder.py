@@ -64,7 +64,7 @@ def image_to_token(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.T
 def softmax_few(scores: torch.Tensor) -> torch.Tensor:
     """``torch.softmax(scores, -1)`` for a short last axis (the ``T`` prompt tokens) and very many rows,
     in place: ATen's CPU kernel runs such a shape several times slower than these three element-wise
-    passes (research/results.md, ``step-profile``)."""
+    passes (research/results.md, ``allocator``)."""
     scores = scores.sub_(scores.amax(-1, keepdim=True)).exp_()
     return scores.div_(scores.sum(-1, keepdim=True))
 
